@@ -1,0 +1,27 @@
+"""hpcqn: distributed quasi-Newton and second-order optimizers for MPI jobs.
+
+Layers (each imports only from those above it): ``backend`` (array namespace),
+``comm`` (every MPI call), ``layout`` (how vectors are cut across ranks),
+``curvature`` (pure math), ``optimizers`` (curvature + layout + comm), and the drivers
+(``minimize``, the command line).
+"""
+
+from .comm import Communicator, RemoteRankError, get_comm, serial_comm
+from .layout import SliceLayout, gather_global
+from .minimize import minimize, scipy_lbfgs
+from .optimizers.lbfgs import FunctionError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Communicator",
+    "FunctionError",
+    "RemoteRankError",
+    "SliceLayout",
+    "__version__",
+    "gather_global",
+    "get_comm",
+    "minimize",
+    "scipy_lbfgs",
+    "serial_comm",
+]

@@ -1,0 +1,96 @@
+"""Array backend: which array namespace (NumPy or CuPy) holds the data, dtypes, DLPack.
+
+Numerical code in hpcqn is written once against ``xp`` (the namespace returned by
+:func:`namespace`). NumPy is the default; CuPy is used when it is asked for by name or
+when the inputs are CuPy arrays. Only float32 and float64 data are accepted.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def _cupy() -> ModuleType:
+    try:
+        return importlib.import_module("cupy")
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "the 'cupy' backend was requested but CuPy is not installed; "
+            "install hpcqn with the [gpu] extra (pip install 'hpcqn[gpu]')"
+        ) from exc
+
+
+def is_cupy_array(a: Any) -> bool:
+    """True for a CuPy ndarray (checked by its module, so CuPy need not be importable)."""
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def is_device_array(a: Any) -> bool:
+    """True for any array that lives in GPU memory (exposes ``__cuda_array_interface__``)."""
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def namespace(*arrays: Any, backend: str | None = None) -> ModuleType:
+    """The array namespace for ``arrays``: ``numpy`` or ``cupy``.
+
+    ``backend`` ("numpy" or "cupy") forces the choice; otherwise CuPy is chosen when any
+    input is a CuPy array, NumPy otherwise. Mixing NumPy and CuPy inputs is an error.
+    """
+    if backend is not None:
+        if backend == "numpy":
+            return np
+        if backend == "cupy":
+            return _cupy()
+        raise ValueError(f"backend must be 'numpy' or 'cupy', got {backend!r}")
+    kinds = {is_cupy_array(a) for a in arrays if a is not None}
+    if len(kinds) > 1:
+        raise TypeError("inputs mix NumPy and CuPy arrays; put them on one device first")
+    return _cupy() if kinds == {True} else np
+
+
+def check_float_array(a: Any, name: str) -> None:
+    """Raise TypeError unless ``a`` is a 1-D float32 or float64 array."""
+    dtype = getattr(a, "dtype", None)
+    if dtype is None or str(dtype) not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a float32 or float64 array, got "
+            f"{'dtype ' + str(dtype) if dtype is not None else type(a).__name__}"
+        )
+    if getattr(a, "ndim", None) != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {tuple(a.shape)}")
+
+
+def asarray(a: Any, xp: ModuleType | None = None, dtype: Any = None) -> Any:
+    """``a`` as an array of namespace ``xp`` (default: the namespace ``a`` already uses)."""
+    xp = xp or namespace(a)
+    return xp.asarray(a, dtype=dtype)
+
+
+def to_host(a: Any) -> np.ndarray:
+    """A NumPy array with the values of ``a`` (a copy only when ``a`` is on a device)."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def from_dlpack(obj: Any, xp: ModuleType | None = None) -> Any:
+    """A zero-copy view of a DLPack-capable object (torch tensor, JAX array, ...).
+
+    CPU producers become NumPy arrays, CUDA producers CuPy arrays, unless ``xp`` says which.
+    """
+    if xp is None:
+        device_type = obj.__dlpack_device__()[0] if hasattr(obj, "__dlpack_device__") else 1
+        xp = np if int(device_type) in (1, 3) else _cupy()  # kDLCPU = 1, kDLCUDAHost = 3
+    return xp.from_dlpack(obj)
+
+
+def synchronize(a: Any) -> None:
+    """Wait for pending device work on ``a``'s stream (no-op for host arrays)."""
+    if is_cupy_array(a):
+        _cupy().cuda.get_current_stream().synchronize()

@@ -1,0 +1,285 @@
+"""The one place where hpcqn talks to MPI.
+
+:class:`Communicator` wraps any mpi4py communicator (``comm=None`` means
+``COMM_WORLD``) and gives collectives on backend arrays (NumPy, CuPy): ``allreduce``,
+``reduce_scatter``, ``allgatherv``, ``bcast``. Without mpi4py, or on one rank, the same
+class runs serially with no MPI calls. Every collective is counted (calls and payload
+bytes) so that drivers can report communication volume.
+
+Device arrays go to MPI directly when the library is CUDA-aware (after the stream is
+synchronised), and through host copies otherwise (host staging).
+
+Small scalar reductions (:meth:`Communicator.allreduce_scalars`) are computed from an
+allgather of every rank's values, summed in rank order on every rank: the result is
+bitwise identical on all ranks and deterministic for a fixed rank count, so that every
+rank takes the same branch in an algorithm. The same reduction carries an error flag,
+which is how a failure on one rank reaches all the others instead of leaving them
+waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import backend
+
+
+class RemoteRankError(RuntimeError):
+    """Raised on every rank when another rank failed; names that rank and its error."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(f"rank {rank} failed: {message}")
+        self.rank = rank
+        self.remote_message = message
+
+
+def _mpi() -> Any | None:
+    """The ``mpi4py.MPI`` module, or None when mpi4py is not installed (or disabled)."""
+    if os.environ.get("HPCQN_NO_MPI", "0") == "1":
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI
+
+
+@dataclass
+class CollectiveCounter:
+    """Calls and payload bytes (this rank's contribution) for one kind of collective."""
+
+    calls: int = 0
+    nbytes: int = 0
+
+
+@dataclass
+class CudaAwareness:
+    aware: bool
+    reason: str
+
+
+def detect_cuda_aware() -> CudaAwareness:
+    """Whether the MPI library can take device pointers, and how that was decided.
+
+    Order: the ``HPCQN_CUDA_AWARE=0/1`` override; the vendor query
+    ``MPIX_Query_cuda_support`` (Open MPI) when the loaded library exports it; the
+    vendors' switches (``MPICH_GPU_SUPPORT_ENABLED``, ``OMPI_MCA_opal_cuda_support``,
+    ``MV2_USE_CUDA``, ``I_MPI_OFFLOAD``); otherwise not aware (host staging, always safe).
+    """
+    override = os.environ.get("HPCQN_CUDA_AWARE")
+    if override is not None:
+        if override not in ("0", "1"):
+            raise ValueError(f"HPCQN_CUDA_AWARE must be 0 or 1, got {override!r}")
+        return CudaAwareness(override == "1", f"HPCQN_CUDA_AWARE={override}")
+    if _mpi() is not None:
+        try:
+            query = ctypes.CDLL(None).MPIX_Query_cuda_support
+        except AttributeError:
+            query = None
+        if query is not None:
+            query.restype = ctypes.c_int
+            return CudaAwareness(bool(query()), "MPIX_Query_cuda_support()")
+    switches = {
+        "MPICH_GPU_SUPPORT_ENABLED": ("1",),
+        "OMPI_MCA_opal_cuda_support": ("1", "true"),
+        "MV2_USE_CUDA": ("1",),
+        "I_MPI_OFFLOAD": ("1", "2"),
+    }
+    for name, on in switches.items():
+        value = os.environ.get(name, "").lower()
+        if value:
+            return CudaAwareness(value in on, f"{name}={value}")
+    return CudaAwareness(False, "no CUDA-aware MPI detected; device buffers are staged")
+
+
+@dataclass
+class Communicator:
+    """Collectives over an mpi4py communicator (or serial when ``mpi_comm`` is None)."""
+
+    mpi_comm: Any = None
+    counters: dict[str, CollectiveCounter] = field(default_factory=dict)
+    cuda_aware: bool = False
+
+    def __post_init__(self) -> None:
+        self.rank = 0 if self.mpi_comm is None else self.mpi_comm.Get_rank()
+        self.size = 1 if self.mpi_comm is None else self.mpi_comm.Get_size()
+        self._parallel = self.size > 1
+
+    # -- bookkeeping ---------------------------------------------------------------
+    def _count(self, kind: str, nbytes: int) -> None:
+        counter = self.counters.setdefault(kind, CollectiveCounter())
+        counter.calls += 1
+        counter.nbytes += int(nbytes)
+
+    def calls(self, kind: str) -> int:
+        """How many ``kind`` collectives ("allreduce", "allgatherv", ...) ran so far."""
+        return self.counters.get(kind, CollectiveCounter()).calls
+
+    def reset_counters(self) -> None:
+        self.counters.clear()
+
+    # -- device buffers ------------------------------------------------------------
+    def _to_mpi(self, a: Any) -> Any:
+        """A buffer MPI may read: the device array itself when aware, else a host copy."""
+        if backend.is_device_array(a):
+            if self.cuda_aware:
+                backend.synchronize(a)
+                return a
+            return backend.to_host(a)
+        return a
+
+    @staticmethod
+    def _like(result: Any, template: Any) -> Any:
+        """``result`` moved back to ``template``'s namespace (after host staging)."""
+        if backend.is_cupy_array(template) and not backend.is_cupy_array(result):
+            return backend.namespace(template).asarray(result)
+        return result
+
+    def _empty_for(self, a: Any, shape: int) -> Any:
+        """An output buffer for MPI: same namespace as what ``_to_mpi`` gave."""
+        xp = backend.namespace(a)
+        return xp.empty(shape, dtype=a.dtype)
+
+    # -- collectives on arrays -----------------------------------------------------
+    def allreduce(self, a: Any, op: str = "sum") -> Any:
+        """Elementwise sum (or "max", "min") of ``a`` over ranks; a new array."""
+        self._count("allreduce", a.nbytes)
+        if not self._parallel:
+            return a.copy()
+        MPI = _mpi()
+        mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+        send = self._to_mpi(a)
+        recv = self._empty_for(send, send.shape)
+        self.mpi_comm.Allreduce(send, recv, op=mpi_op)
+        return self._like(recv, a)
+
+    def reduce_scatter(self, a: Any, counts: Sequence[int]) -> Any:
+        """Sum ``a`` (the full-length vector on every rank) over ranks; rank r gets the
+        ``counts[r]`` entries that start at ``sum(counts[:r])``."""
+        counts = [int(c) for c in counts]
+        if len(counts) != self.size or sum(counts) != a.shape[0]:
+            raise ValueError(
+                f"reduce_scatter counts {counts} do not split a vector of {a.shape[0]} "
+                f"over {self.size} ranks"
+            )
+        self._count("reduce_scatter", a.nbytes)
+        if not self._parallel:
+            return a.copy()
+        send = self._to_mpi(a)
+        recv = self._empty_for(send, counts[self.rank])
+        self.mpi_comm.Reduce_scatter(send, recv, recvcounts=counts)
+        return self._like(recv, a)
+
+    def allgather_counts(self, n_local: int) -> list[int]:
+        """Every rank's ``n_local``, in rank order."""
+        self._count("allgather", 8)
+        if not self._parallel:
+            return [int(n_local)]
+        return [int(c) for c in self.mpi_comm.allgather(int(n_local))]
+
+    def allgatherv(self, a: Any, counts: Sequence[int] | None = None) -> Any:
+        """Concatenate every rank's 1-D ``a`` in rank order; ``counts`` are the lengths
+        (gathered first when not given)."""
+        if counts is None:
+            counts = self.allgather_counts(a.shape[0])
+        counts = [int(c) for c in counts]
+        if counts[self.rank] != a.shape[0]:
+            raise ValueError(
+                f"allgatherv: this rank holds {a.shape[0]} entries but counts say "
+                f"{counts[self.rank]}"
+            )
+        self._count("allgatherv", a.nbytes)
+        if not self._parallel:
+            return a.copy()
+        send = self._to_mpi(a)
+        recv = self._empty_for(send, sum(counts))
+        displs = np.concatenate(([0], np.cumsum(counts)[:-1])).tolist()
+        self.mpi_comm.Allgatherv(send, [recv, counts, displs, None])
+        return self._like(recv, a)
+
+    def bcast(self, a: Any, root: int = 0) -> Any:
+        """``a`` from ``root`` on every rank (same shape and dtype on all ranks)."""
+        self._count("bcast", a.nbytes)
+        if not self._parallel:
+            return a
+        buf = self._to_mpi(a)  # ``a`` itself unless staged through the host
+        self.mpi_comm.Bcast(buf, root=root)
+        return self._like(buf, a)
+
+    def bcast_object(self, obj: Any, root: int = 0) -> Any:
+        """A small Python object (a message, a config) from ``root``."""
+        self._count("bcast", 0)
+        if not self._parallel:
+            return obj
+        return self.mpi_comm.bcast(obj, root=root)
+
+    # -- agreement -----------------------------------------------------------------
+    def allreduce_scalars(
+        self,
+        sums: Sequence[float] | np.ndarray,
+        maxes: Sequence[float] | np.ndarray = (),
+        error: BaseException | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sum ``sums`` and take the max of ``maxes`` over ranks, in ONE collective.
+
+        The result is identical on every rank. ``error`` is this rank's failure, if
+        any: when any rank passes one, every rank raises (the failing rank its own
+        exception, the others :class:`RemoteRankError` naming the lowest failing rank).
+        """
+        sums = np.asarray(sums, dtype=np.float64).ravel()
+        maxes = np.asarray(maxes, dtype=np.float64).ravel()
+        flag = 0.0 if error is None else 1.0
+        local = np.concatenate(([flag], sums, maxes))
+        self._count("allreduce", local.nbytes)
+        if self._parallel:
+            table = np.empty((self.size, local.size))
+            self.mpi_comm.Allgather(local, table)
+        else:
+            table = local[None, :]
+        failed = np.flatnonzero(table[:, 0])
+        if failed.size:
+            first = int(failed[0])
+            message = self.bcast_object(
+                None if error is None else f"{type(error).__name__}: {error}", root=first
+            )
+            if error is not None:
+                raise error
+            raise RemoteRankError(first, message)
+        total = np.zeros(sums.size)
+        for row in table[:, 1 : 1 + sums.size]:
+            total += row
+        return total, table[:, 1 + sums.size :].max(axis=0)
+
+    def barrier(self) -> None:
+        if self._parallel:
+            self.mpi_comm.Barrier()
+
+
+def get_comm(comm: Any = None) -> Communicator:
+    """Resolve ``comm`` once: a :class:`Communicator` is returned as is, an mpi4py
+    communicator is wrapped, ``None`` means ``COMM_WORLD`` (serial without mpi4py)."""
+    if isinstance(comm, Communicator):
+        return comm
+    MPI = _mpi()
+    if comm is None:
+        if MPI is None:
+            return Communicator(None)
+        comm = MPI.COMM_WORLD
+    elif MPI is None or not isinstance(comm, MPI.Comm):
+        raise TypeError(
+            f"comm must be None, an mpi4py communicator or an hpcqn Communicator, "
+            f"got {type(comm).__name__}"
+        )
+    aware = detect_cuda_aware().aware
+    return Communicator(comm, cuda_aware=aware)
+
+
+def serial_comm() -> Communicator:
+    """A one-rank communicator that makes no MPI calls."""
+    return Communicator(None)

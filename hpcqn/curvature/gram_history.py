@@ -1,0 +1,150 @@
+"""L-BFGS history in vector-free form (Chen, Wang, Zhou and Gao, NIPS 2014).
+
+The history pairs ``(s_i, y_i)`` are kept as local slices (rows of one ``(2(M+1), n)``
+array, ``s`` of slot ``i`` in row ``2i`` and ``y`` in row ``2i + 1``; one slot more than
+the history length so the newest pair can be written before the oldest is dropped).
+The GLOBAL dot products between all history vectors and the current gradient live in a
+small host Gram matrix. The two-loop recursion then runs on scalars only and yields
+coefficients ``delta`` with ``d = sum_j delta_j b_j`` over the basis
+``b = (s_0, y_0, s_1, y_1, ..., g)``; forming ``d`` is one local matrix-vector product.
+
+Per iteration the only new global numbers are the products of the newest ``s``, ``y``
+and ``g`` with every stored vector: one local ``(2(M+1), n) @ (n, 3)`` product, summed
+over ranks by the caller in ONE reduction. Nothing here communicates.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..backend import to_host
+
+
+class GramHistory:
+    """History vectors (local slices) and their global Gram matrix."""
+
+    def __init__(self, n_local: int, history: int, xp: ModuleType, dtype: Any):
+        if history < 1:
+            raise ValueError(f"history must be at least 1, got {history}")
+        self.history = history
+        self.xp = xp
+        self.vectors = xp.zeros((2 * (history + 1), n_local), dtype=dtype)
+        size = 2 * (history + 1) + 1
+        self.gram = np.zeros((size, size))
+        self.g_index = size - 1
+        self.order: list[int] = []  # slots of the stored pairs, oldest first
+        self.rows_used = 0  # rows [0, rows_used) have ever held a pair
+
+    # -- slots ---------------------------------------------------------------------
+    def free_slot(self) -> int:
+        """The slot that the next pair is written into (never one that is stored)."""
+        return min(set(range(self.history + 1)) - set(self.order))
+
+    def pair_rows(self, slot: int) -> tuple[Any, Any]:
+        """Writable views of the ``s`` and ``y`` rows of ``slot``."""
+        return self.vectors[2 * slot], self.vectors[2 * slot + 1]
+
+    def reset(self) -> None:
+        """Forget every pair (the gradient's norm stays known)."""
+        self.order.clear()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    # -- products ------------------------------------------------------------------
+    def _rows_for(self, slot: int) -> int:
+        return max(self.rows_used, 2 * (slot + 1))
+
+    def local_products(self, slot: int, g: Any) -> np.ndarray:
+        """This rank's share of every new global number, as float64 on the host:
+        ``[b_i . s_new, b_i . y_new, b_i . g]`` for every used row ``b_i`` (the new pair
+        in ``slot`` included), then ``g . g``. Sum over ranks and pass to :meth:`absorb`."""
+        xp = self.xp
+        rows = self._rows_for(slot)
+        s_new, y_new = self.pair_rows(slot)
+        products = self.vectors[:rows] @ xp.stack([s_new, y_new, g]).T
+        gg = g @ g
+        out = np.empty(3 * rows + 1)
+        out[:-1] = to_host(products).ravel()
+        out[-1] = float(gg)
+        return out
+
+    def set_gradient_norm2(self, gg: float) -> None:
+        """``g . g`` of the current gradient (used before any pair exists)."""
+        self.gram[self.g_index, self.g_index] = gg
+
+    def absorb(self, products: np.ndarray, slot: int, eps: float) -> bool:
+        """Take the summed :meth:`local_products`. Store the pair in ``slot`` when its
+        curvature ``s.y`` exceeds ``eps * y.y`` and is finite; return whether it was stored."""
+        rows = self._rows_for(slot)
+        table = products[:-1].reshape(rows, 3)
+        gi = self.g_index
+        self.gram[:rows, gi] = self.gram[gi, :rows] = table[:, 2]
+        self.gram[gi, gi] = products[-1]
+        s_i, y_i = 2 * slot, 2 * slot + 1
+        sy, yy = table[s_i, 1], table[y_i, 1]
+        accept = bool(np.isfinite(table[[s_i, y_i]]).all() and sy > eps * yy)
+        if accept:
+            self.gram[:rows, s_i] = self.gram[s_i, :rows] = table[:, 0]
+            self.gram[:rows, y_i] = self.gram[y_i, :rows] = table[:, 1]
+            self.order.append(slot)
+            if len(self.order) > self.history:
+                self.order.pop(0)
+            self.rows_used = rows
+        return accept
+
+    # -- the two-loop on scalars -----------------------------------------------------
+    def direction_coefficients(self) -> np.ndarray:
+        """``delta`` such that ``d = -H g = sum_j delta_j b_j`` (the two-loop recursion,
+        Nocedal and Wright Algorithm 7.4, with ``H0 = (s.y / y.y) I`` of the newest pair),
+        computed from the Gram matrix alone."""
+        gram, gi = self.gram, self.g_index
+        active = self._active()
+        delta = np.zeros(gi + 1)
+        delta[gi] = -1.0
+
+        def dot_with(row: int) -> float:  # (sum_j delta_j b_j) . b_row
+            return float(delta[active] @ gram[active, row])
+
+        rho = {slot: 1.0 / gram[2 * slot, 2 * slot + 1] for slot in self.order}
+        alpha = {}
+        for slot in reversed(self.order):
+            alpha[slot] = rho[slot] * dot_with(2 * slot)
+            delta[2 * slot + 1] -= alpha[slot]
+        if self.order:
+            newest = self.order[-1]
+            s_i, y_i = 2 * newest, 2 * newest + 1
+            delta *= gram[s_i, y_i] / gram[y_i, y_i]
+        for slot in self.order:
+            beta = rho[slot] * dot_with(2 * slot + 1)
+            delta[2 * slot] += alpha[slot] - beta
+        return delta
+
+    def _active(self) -> list[int]:
+        """Basis indices with meaningful Gram entries: g and the stored pairs' rows."""
+        return [self.g_index] + [r for slot in self.order for r in (2 * slot, 2 * slot + 1)]
+
+    def dot_g(self, delta: np.ndarray) -> float:
+        """``d . g`` for ``d = sum_j delta_j b_j``."""
+        active = self._active()
+        return float(delta[active] @ self.gram[active, self.g_index])
+
+    def norm2(self, delta: np.ndarray) -> float:
+        """``d . d`` for ``d = sum_j delta_j b_j``."""
+        active = self._active()
+        return float(delta[active] @ self.gram[np.ix_(active, active)] @ delta[active])
+
+    def combine(self, delta: np.ndarray, g: Any, out: Any) -> Any:
+        """Form ``d = sum_j delta_j b_j`` locally into ``out`` (one GEMV over the history)."""
+        xp = self.xp
+        rows = self.rows_used
+        if rows and np.any(delta[:rows]):
+            coeffs = xp.asarray(delta[:rows], dtype=self.vectors.dtype)
+            xp.matmul(coeffs, self.vectors[:rows], out=out)
+            out += float(delta[self.g_index]) * g
+        else:
+            xp.multiply(g, float(delta[self.g_index]), out=out)
+        return out

@@ -1,0 +1,136 @@
+"""``hpcqn.minimize``: distributed L-BFGS for objective callbacks, SciPy-shaped.
+
+``fun(x_local) -> (f_part, g_local)`` runs on every rank with that rank's slice of the
+unknown; the objective is the sum of ``f_part`` over ranks (or, with the option
+``fun_global``, the value every rank returns). :func:`scipy_lbfgs` is the same solver as
+a SciPy custom method: ``scipy.optimize.minimize(fun, x0, jac=True, method=hpcqn.scipy_lbfgs)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from scipy.optimize import OptimizeResult
+
+from . import backend
+from .comm import get_comm, serial_comm
+from .layout import gather_global
+from .optimizers.lbfgs import LBFGS, LBFGSOptions
+
+METHODS = ("lbfgs",)
+
+
+def _options(method: str, options: Mapping[str, Any] | None) -> LBFGSOptions:
+    if method.lower() not in METHODS:
+        raise ValueError(f"unknown method {method!r}; hpcqn.minimize offers {METHODS}")
+    known = {f.name for f in dataclasses.fields(LBFGSOptions)}
+    given = dict(options or {})
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}; "
+            f"known options: {', '.join(sorted(known))}"
+        )
+    opts = LBFGSOptions(**given)
+    opts.validate()
+    return opts
+
+
+def minimize(
+    fun: Callable[[Any], tuple[Any, Any]],
+    x0: Any,
+    comm: Any = None,
+    method: str = "lbfgs",
+    options: Mapping[str, Any] | None = None,
+    callback: Callable[[OptimizeResult], Any] | None = None,
+) -> OptimizeResult:
+    """Minimise ``sum over ranks of f_part`` with the distributed L-BFGS.
+
+    Parameters
+    ----------
+    fun : ``fun(x_local) -> (f_part, g_local)``; ``g_local`` has the shape of ``x_local``.
+    x0 : this rank's slice of the starting point, a 1-D float32 or float64 NumPy or
+        CuPy array (slices may differ in length across ranks and may be empty).
+    comm : an mpi4py communicator, an :class:`hpcqn.comm.Communicator`, or None
+        (``COMM_WORLD``; serial without mpi4py). Every rank of it must call.
+    options : see :class:`hpcqn.optimizers.lbfgs.LBFGSOptions` (``history``, ``gtol``,
+        ``gatol``, ``grtol``, ``gttol``, ``ftol``, ``maxiter``, ``maxfun``, ``maxls``,
+        ``linesearch``, ``fun_global``, ``disp``, ``gather_x``).
+    callback : called on every rank after each iteration with an ``OptimizeResult``
+        holding ``x`` (this rank's slice), ``fun``, ``jac`` and ``nit``; raising
+        ``StopIteration`` on any rank stops all ranks cleanly (status 99).
+
+    Returns
+    -------
+    OptimizeResult with SciPy's fields (``x`` is this rank's slice) plus ``nallreduce``
+    (reductions this call made), ``comm_bytes``, ``nreset``, ``npairs_skipped``,
+    ``seconds`` and, with ``gather_x``, ``x_global``.
+    """
+    opts = _options(method, options)
+    backend.check_float_array(x0, "x0")
+    c = get_comm(comm)
+    calls_before = c.calls("allreduce")
+    bytes_before = sum(counter.nbytes for counter in c.counters.values())
+
+    def intermediate(x: Any, f: float, g: Any, nit: int) -> OptimizeResult:
+        return OptimizeResult(x=x.copy(), fun=f, jac=g, nit=nit)
+
+    solver = LBFGS(fun, c, opts, callback=callback, make_intermediate=intermediate)
+    out = solver.run(x0)
+    result = OptimizeResult(
+        x=out.x, fun=out.f, jac=out.g, nit=out.nit, nfev=out.nfev, njev=out.nfev,
+        status=out.status, success=out.status == 0, message=out.message,
+        nallreduce=c.calls("allreduce") - calls_before,
+        comm_bytes=sum(counter.nbytes for counter in c.counters.values()) - bytes_before,
+        nreset=out.nreset, npairs_skipped=out.npairs_skipped, seconds=out.seconds,
+    )
+    if opts.gather_x:
+        result.x_global = gather_global(out.x, c)
+    if opts.disp and c.rank == 0:
+        print(
+            f"hpcqn.minimize: {out.message} | f {out.f:.10e} max|g| {out.gnorm_inf:.3e} "
+            f"nit {out.nit} nfev {out.nfev} reductions {result.nallreduce} "
+            f"{out.seconds:.3f} s on {c.size} rank(s)",
+            flush=True,
+        )
+    return result
+
+
+def scipy_lbfgs(
+    fun: Callable[..., Any],
+    x0: Any,
+    args: tuple[Any, ...] = (),
+    jac: Any = None,
+    callback: Callable[..., Any] | None = None,
+    bounds: Any = None,
+    constraints: Any = (),
+    **options: Any,
+) -> OptimizeResult:
+    """hpcqn's L-BFGS as a SciPy custom method (serial; no MPI):
+    ``scipy.optimize.minimize(fun, x0, jac=True, method=hpcqn.scipy_lbfgs, options=...)``.
+
+    SciPy's ``tol`` maps to ``gtol``; ``hess``/``hessp`` are ignored, and bounds or
+    constraints are refused (this is an unconstrained method).
+    """
+    options.pop("hess", None)
+    options.pop("hessp", None)
+    if bounds is not None or (constraints is not None and len(constraints)):
+        raise ValueError("hpcqn's L-BFGS is unconstrained; bounds and constraints are not supported")
+    tol = options.pop("tol", None)
+    if tol is not None:
+        options.setdefault("gtol", tol)
+    if callable(jac):
+
+        def fun_and_grad(x: Any) -> tuple[Any, Any]:
+            return fun(x, *args), jac(x, *args)
+
+    elif jac is True:
+
+        def fun_and_grad(x: Any) -> tuple[Any, Any]:
+            return fun(x, *args)
+
+    else:
+        raise ValueError("hpcqn's L-BFGS needs the gradient: pass jac=True or a jac callable")
+    return minimize(fun_and_grad, x0, comm=serial_comm(), options=options, callback=callback)

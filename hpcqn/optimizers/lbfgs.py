@@ -1,0 +1,288 @@
+"""Distributed deterministic L-BFGS for objective callbacks (ALGORITHMS.md section 3).
+
+The unknown is distributed by slices (each rank owns one, possibly empty). Per
+iteration: the direction comes from the two-loop recursion on the Gram matrix
+(:mod:`hpcqn.curvature.gram_history`); each line-search trial costs one callback and
+ONE small reduction (``f``, ``g.d``, the max-norm of ``g``, error flags); after the step
+is accepted, all new dot products travel in ONE reduction. So the number of
+reductions is ``1 + (line-search trials)`` per iteration, plus one at ``x0``.
+
+Safeguards as PETSc TAO's LMVM: a direction that is not a finite descent direction
+drops the history and takes a scaled steepest-descent step; a line search that fails
+drops the history and retries from the same point; a second failure in a row stops
+with status 2 and the last accepted point.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..backend import namespace
+from ..comm import Communicator
+from ..curvature.gram_history import GramHistory
+from ..curvature.linesearch import CONVERGED, EVALUATE, Backtracking, MoreThuente
+
+# Status codes, as SciPy's L-BFGS-B uses them (99: the callback asked to stop).
+SUCCESS, LIMIT, LINESEARCH_FAILED, CALLBACK_STOP = 0, 1, 2, 99
+
+
+@dataclass
+class LBFGSOptions:
+    """Options of :func:`hpcqn.minimize` with ``method="lbfgs"`` (names as SciPy and
+    TAO use them; a tolerance of 0 disables its test)."""
+
+    history: int = 10  # M, pairs kept
+    gtol: float = 1e-5  # max |g_i| <= gtol (SciPy)
+    gatol: float = 0.0  # ||g||_2 <= gatol (TAO)
+    grtol: float = 0.0  # ||g||_2 / |f| <= grtol (TAO)
+    gttol: float = 0.0  # ||g||_2 / ||g0||_2 <= gttol (TAO)
+    ftol: float = 2.220446049250313e-09  # (f_k - f_k+1) / max(|f_k|, |f_k+1|, 1) <= ftol
+    maxiter: int = 15000
+    maxfun: int = 15000
+    maxls: int = 20  # trials per line search
+    linesearch: str = "strong-wolfe"  # or "armijo"
+    fun_global: bool = False  # fun returns the global f on every rank (not a part)
+    disp: int = 0  # rank 0 prints a progress line every `disp` iterations
+    gather_x: bool = False  # put the whole x in the result (`x_global`)
+
+    def validate(self) -> None:
+        if int(self.history) != self.history or self.history < 1:
+            raise ValueError(f"option 'history' must be a positive integer, got {self.history}")
+        for name in ("gtol", "gatol", "grtol", "gttol", "ftol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"option {name!r} must be a finite number >= 0, got {value!r}")
+        for name in ("maxiter", "maxfun", "maxls"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ValueError(f"option {name!r} must be a positive integer, got {value!r}")
+        if self.linesearch not in ("strong-wolfe", "armijo"):
+            raise ValueError(
+                f"option 'linesearch' must be 'strong-wolfe' or 'armijo', got {self.linesearch!r}"
+            )
+
+
+@dataclass
+class LBFGSOutcome:
+    """What :meth:`LBFGS.run` returns: the last accepted point and the counts."""
+
+    x: Any
+    f: float
+    g: Any
+    nit: int
+    nfev: int
+    status: int
+    message: str
+    gnorm_inf: float
+    gnorm2: float
+    nreset: int
+    npairs_skipped: int
+    seconds: float
+    trace: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+class FunctionError(ValueError):
+    """The objective callback returned something unusable (raised on every rank)."""
+
+
+class LBFGS:
+    """The solver. ``fun(x_local) -> (f_part, g_local)``; see :class:`LBFGSOptions`."""
+
+    def __init__(
+        self,
+        fun: Callable[[Any], tuple[Any, Any]],
+        comm: Communicator,
+        options: LBFGSOptions,
+        callback: Callable[[Any], Any] | None = None,
+        make_intermediate: Callable[[Any, float, Any, int], Any] | None = None,
+    ):
+        self.fun = fun
+        self.comm = comm
+        self.opt = options
+        self.callback = callback
+        self.make_intermediate = make_intermediate
+        self.nfev = 0
+
+    # -- evaluation ----------------------------------------------------------------
+    def _call_fun(self, x: Any) -> tuple[float, Any]:
+        f, g = self.fun(x)
+        xp = namespace(x)
+        if getattr(g, "shape", None) != x.shape:
+            raise FunctionError(
+                f"fun returned a gradient of shape {getattr(g, 'shape', type(g).__name__)} "
+                f"for x of shape {x.shape}"
+            )
+        try:
+            f = float(f)
+        except (TypeError, ValueError) as exc:
+            raise FunctionError(f"fun must return a real number as f, got {f!r}") from exc
+        return f, xp.asarray(g, dtype=x.dtype)
+
+    def evaluate(
+        self, x: Any, d: Any = None, with_gg: bool = False
+    ) -> tuple[float, Any, float, float, float]:
+        """``fun`` at ``x`` on every rank and ONE reduction. Returns the global ``f``,
+        the local ``g``, the global max-norm of ``g``, ``g.d`` (0 without ``d``) and
+        ``g.g`` (0 unless ``with_gg``). An error in ``fun`` on any rank raises on all."""
+        self.nfev += 1
+        f, ginf, gd, gg, error = math.nan, math.nan, 0.0, 0.0, None
+        g: Any = None
+        try:
+            f, g = self._call_fun(x)
+            if g.size:
+                ginf = float(abs(g).max())  # NaN when g holds a NaN
+                gd = float(g @ d) if d is not None else 0.0
+                gg = float(g @ g) if with_gg else 0.0
+            else:
+                ginf = 0.0
+        except Exception as exc:  # reported to every rank by the reduction below
+            error = exc
+        if self.opt.fun_global:
+            total, top = self.comm.allreduce_scalars([gd, gg], [ginf, f, -f], error)
+            if top[1] != -top[2]:
+                raise FunctionError(
+                    f"option fun_global is set but fun returned different values on "
+                    f"different ranks (from {-top[2]!r} to {top[1]!r})"
+                )
+            return float(top[1]), g, float(top[0]), float(total[0]), float(total[1])
+        total, top = self.comm.allreduce_scalars([f, gd, gg], [ginf], error)
+        return float(total[0]), g, float(top[0]), float(total[1]), float(total[2])
+
+    # -- the iteration -------------------------------------------------------------
+    def run(self, x0: Any) -> LBFGSOutcome:
+        opt, comm = self.opt, self.comm
+        xp = namespace(x0)
+        start = time.perf_counter()
+        n_local = x0.shape[0]
+        x = xp.array(x0, copy=True)
+        history = GramHistory(n_local, int(opt.history), xp, x.dtype)
+        eps = float(np.finfo(np.float64).eps)
+
+        f, g, ginf, _, gg = self.evaluate(x, with_gg=True)
+        if not (math.isfinite(f) and math.isfinite(ginf)):
+            raise FunctionError(f"fun returned a non-finite value at x0 (f = {f}, max|g| = {ginf})")
+        history.set_gradient_norm2(gg)
+        g0norm = math.sqrt(gg)
+        direction = xp.empty_like(x)
+        x_trial = xp.empty_like(x)
+        nit = nreset = nskipped = failures = 0
+        trace = [(0, f, ginf)]
+        status, message = self._converged(f, None, ginf, gg, g0norm, nit)
+
+        while status is None:
+            delta = history.direction_coefficients()
+            gd = history.dot_g(delta)
+            if not (gd < 0.0 and math.isfinite(gd)):
+                history.reset()
+                nreset += 1
+                delta = history.direction_coefficients()
+                gd = history.dot_g(delta)
+            history.combine(delta, g, direction)
+            if len(history):
+                stp = 1.0
+            else:  # scaled steepest descent: the first step has length 1 (SciPy's choice)
+                stp = min(1.0 / math.sqrt(history.norm2(delta)), 1e10)
+            search = (
+                MoreThuente(f, gd, stp)
+                if opt.linesearch == "strong-wolfe"
+                else Backtracking(f, gd, stp)
+            )
+            result, ntrials = EVALUATE, 0
+            while result == EVALUATE:
+                if ntrials == opt.maxls or self.nfev >= opt.maxfun:
+                    search.message = search.message or f"no acceptable step in {ntrials} trials"
+                    break
+                ntrials += 1
+                xp.multiply(direction, search.stp, out=x_trial)
+                x_trial += x
+                f_t, g_t, ginf_t, gd_t, _ = self.evaluate(x_trial, direction)
+                if not (math.isfinite(f_t) and math.isfinite(ginf_t)):
+                    search.shrink()
+                    continue
+                result = search.advance(f_t, gd_t)
+            if result != CONVERGED:
+                failures += 1
+                if self.nfev >= opt.maxfun:
+                    status, message = LIMIT, "STOP: TOTAL NO. OF F,G EVALUATIONS EXCEEDS LIMIT"
+                elif failures >= 2 or not len(history):
+                    status = LINESEARCH_FAILED
+                    message = f"ABNORMAL_TERMINATION_IN_LNSRCH: {search.message}"
+                else:
+                    history.reset()
+                    nreset += 1
+                    continue
+                break
+            failures = 0
+            slot = history.free_slot()
+            s_row, y_row = history.pair_rows(slot)
+            xp.multiply(direction, search.stp, out=s_row)
+            xp.subtract(g_t, g, out=y_row)
+            x, x_trial = x_trial, x
+            f_prev, f, g, ginf = f, f_t, g_t, ginf_t
+            nit += 1
+            stop_error = self._run_callback(x, f, g, nit)
+            products, flags = comm.allreduce_scalars(
+                history.local_products(slot, g), [float(stop_error is StopIteration)],
+                None if stop_error is StopIteration else stop_error,
+            )
+            if not history.absorb(products, slot, eps):
+                nskipped += 1
+            gg = float(products[-1])
+            trace.append((nit, f, ginf))
+            self._progress(nit, f, ginf, search.stp)
+            status, message = self._converged(f, f_prev, ginf, gg, g0norm, nit)
+            if status is None and flags[0]:
+                status, message = CALLBACK_STOP, "`callback` raised `StopIteration`."
+        return LBFGSOutcome(
+            x=x, f=f, g=g, nit=nit, nfev=self.nfev, status=status, message=message,
+            gnorm_inf=ginf, gnorm2=math.sqrt(gg), nreset=nreset, npairs_skipped=nskipped,
+            seconds=time.perf_counter() - start, trace=trace,
+        )
+
+    def _run_callback(self, x: Any, f: float, g: Any, nit: int) -> Any:
+        """Call the user's callback; returns StopIteration (the class) when it asks to
+        stop, the exception when it fails, None otherwise. Agreed on in the next reduction."""
+        if self.callback is None:
+            return None
+        try:
+            self.callback(self.make_intermediate(x, f, g, nit) if self.make_intermediate else x)
+        except StopIteration:
+            return StopIteration
+        except Exception as exc:
+            return exc
+        return None
+
+    def _converged(
+        self, f: float, f_prev: float | None, ginf: float, gg: float, g0norm: float, nit: int
+    ) -> tuple[int | None, str]:
+        opt = self.opt
+        gnorm = math.sqrt(gg)
+        if ginf <= opt.gtol:
+            return SUCCESS, "CONVERGENCE: NORM OF PROJECTED GRADIENT <= PGTOL"
+        if gnorm <= opt.gatol:
+            return SUCCESS, "CONVERGENCE: ||g|| <= gatol"
+        if gnorm <= opt.grtol * abs(f):
+            return SUCCESS, "CONVERGENCE: ||g|| / |f| <= grtol"
+        if gnorm <= opt.gttol * g0norm:
+            return SUCCESS, "CONVERGENCE: ||g|| / ||g0|| <= gttol"
+        if f_prev is not None and (f_prev - f) <= opt.ftol * max(abs(f_prev), abs(f), 1.0):
+            return SUCCESS, "CONVERGENCE: REL_REDUCTION_OF_F <= FACTR*EPSMCH"
+        if nit >= opt.maxiter:
+            return LIMIT, "STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT"
+        if self.nfev >= opt.maxfun:
+            return LIMIT, "STOP: TOTAL NO. OF F,G EVALUATIONS EXCEEDS LIMIT"
+        return None, ""
+
+    def _progress(self, nit: int, f: float, ginf: float, stp: float) -> None:
+        if self.opt.disp and self.comm.rank == 0 and nit % self.opt.disp == 0:
+            print(
+                f"iter {nit:6d}  f {f: .10e}  max|g| {ginf:.3e}  step {stp:.2e}  "
+                f"nfev {self.nfev}",
+                flush=True,
+            )
