@@ -117,7 +117,9 @@ def scipy_lbfgs(
     options.pop("hess", None)
     options.pop("hessp", None)
     if bounds is not None or (constraints is not None and len(constraints)):
-        raise ValueError("hpcqn's L-BFGS is unconstrained; bounds and constraints are not supported")
+        raise ValueError(
+            "hpcqn's L-BFGS is unconstrained; bounds and constraints are not supported"
+        )
     tol = options.pop("tol", None)
     if tol is not None:
         options.setdefault("gtol", tol)

@@ -1,0 +1,78 @@
+"""The ``hpcqn`` command line: ``hpcqn info`` and ``hpcqn run JOB.toml``.
+
+Exit codes: 0 success, 1 the job ran but did not converge (status != 0), 2 bad
+input (job file, options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _devices() -> str:
+    try:
+        import cupy
+    except ImportError:
+        return "none visible to CuPy (CuPy not installed); arrays live on the host (NumPy)"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CuPy installed without a driver or device
+        return f"none ({type(exc).__name__}: {exc})"
+    names = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode() for i in range(count)]
+    return f"{count} CUDA device(s): {', '.join(names)}"
+
+
+def info() -> int:
+    """Print the MPI library, rank count, CUDA-awareness and devices (rank 0 only)."""
+    from . import __version__
+    from .comm import _mpi, detect_cuda_aware, get_comm
+
+    comm = get_comm()
+    if comm.rank != 0:
+        return 0
+    MPI = _mpi()
+    if MPI is None:
+        mpi_line = "not available (mpi4py not installed or HPCQN_NO_MPI=1): serial only"
+    else:
+        import mpi4py
+
+        library = " ".join(MPI.Get_library_version().split("\n")[0].split())
+        version = ".".join(map(str, MPI.Get_version()))
+        mpi_line = f"{library} (MPI {version}, mpi4py {mpi4py.__version__})"
+    aware = detect_cuda_aware()
+    print(f"hpcqn {__version__}")
+    print(f"python    {platform.python_version()} on {platform.machine()}, numpy {np.__version__}")
+    print(f"MPI       {mpi_line}")
+    print(f"ranks     {comm.size}")
+    print(f"CUDA-aware MPI  {'yes' if aware.aware else 'no'} ({aware.reason})")
+    print(f"devices   {_devices()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hpcqn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="MPI library, rank count, CUDA-awareness, devices")
+    run = sub.add_parser("run", help="run a job file (jobs/*.toml) on every rank")
+    run.add_argument("job", help="path to a job TOML file")
+    run.add_argument("--output", help="write the summary as JSON here (rank 0)")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    from .jobs import JobError, run_job
+
+    try:
+        summary = run_job(args.job, output=args.output)
+    except JobError as exc:
+        print(f"hpcqn run: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0 if summary["status"] == 0 else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Standard unconstrained test problems, distributed by slices.
+
+Each problem gives its full objective (``value_and_grad`` on the whole vector, for
+SciPy references) and :meth:`Problem.distributed`, which returns a callback in the shape
+``hpcqn.minimize`` expects plus this rank's slice of the starting point. Problems made
+of independent groups of variables (extended Rosenbrock, Powell, Wood; the diagonal
+quadratic) split at group boundaries and evaluate locally with no communication;
+coupled ones (Broyden tridiagonal, logistic regression split by features) communicate
+inside the callback, as a simulation code would.
+
+Sources: Moré, Garbow and Hillstrom, "Testing unconstrained optimization software",
+ACM TOMS 7 (1981), problems 21, 22, 30 and 14 (extended Rosenbrock, extended Powell
+singular, Broyden tridiagonal, Wood, extended to n variables by repeating blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .comm import get_comm
+from .layout import SliceLayout
+
+Fun = Callable[[Any], tuple[float, Any]]
+Local = tuple[Fun, np.ndarray]  # (callback, this rank's slice of x0)
+
+
+class Problem:
+    """A test problem of ``n`` variables; ``group`` > 0 when it splits into independent
+    groups of that many variables."""
+
+    name = ""
+    group = 0
+
+    def __init__(self, n: int, dtype: Any = np.float64):
+        if self.group and n % self.group:
+            raise ValueError(f"{self.name} needs n divisible by {self.group}, got {n}")
+        if n < 1:
+            raise ValueError(f"n must be positive, got {n}")
+        self.n = int(n)
+        self.dtype = np.dtype(dtype)
+
+    def x0(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        raise NotImplementedError
+
+    def solution(self) -> np.ndarray | None:
+        """The known minimiser, where there is one."""
+        return None
+
+    def layout(self, nranks: int) -> SliceLayout:
+        """An even split over ``nranks`` that respects the problem's groups."""
+        unit = self.group or 1
+        return SliceLayout(tuple(c * unit for c in SliceLayout.even(self.n // unit, nranks).counts))
+
+    def distributed(self, comm: Any = None, layout: SliceLayout | None = None) -> Local:
+        """``(fun, x0_local)`` for this rank of ``comm``."""
+        c = get_comm(comm)
+        layout = layout or self.layout(c.size)
+        if layout.nranks != c.size or layout.n != self.n:
+            raise ValueError(f"layout {layout.counts} does not fit n={self.n} on {c.size} ranks")
+        part = layout.local_slice(c.rank)
+        x0 = self.x0()[part].copy()
+        if self.group:
+            if any(count % self.group for count in layout.counts):
+                raise ValueError(f"{self.name} slices must be multiples of {self.group}")
+            return self.value_and_grad, x0
+
+        def fun(x_local: Any) -> tuple[float, Any]:
+            x = c.allgatherv(x_local, list(layout.counts))
+            f, g = self.value_and_grad(x)
+            return (f if c.rank == 0 else 0.0), g[part]
+
+        return fun, x0
+
+
+class ExtendedRosenbrock(Problem):
+    """sum_i 100 (x_2i - x_2i-1^2)^2 + (1 - x_2i-1)^2, from (-1.2, 1, ...); minimiser 1."""
+
+    name, group = "extended_rosenbrock", 2
+
+    def x0(self) -> np.ndarray:
+        x = np.ones(self.n, dtype=self.dtype)
+        x[0::2] = -1.2
+        return x
+
+    def value_and_grad(self, x: Any) -> tuple[float, Any]:
+        odd, even = x[0::2], x[1::2]
+        t = even - odd * odd
+        u = 1.0 - odd
+        g = x.copy()  # same namespace, dtype and shape
+        g[0::2] = -400.0 * t * odd - 2.0 * u
+        g[1::2] = 200.0 * t
+        return float(100.0 * (t @ t) + u @ u), g
+
+    def solution(self) -> np.ndarray:
+        return np.ones(self.n, dtype=self.dtype)
+
+
+class ExtendedPowell(Problem):
+    """Powell's singular function repeated: minimiser 0, singular Hessian there."""
+
+    name, group = "extended_powell", 4
+
+    def x0(self) -> np.ndarray:
+        return np.tile(np.array([3.0, -1.0, 0.0, 1.0], dtype=self.dtype), self.n // 4)
+
+    def value_and_grad(self, x: Any) -> tuple[float, Any]:
+        x1, x2, x3, x4 = x[0::4], x[1::4], x[2::4], x[3::4]
+        a, b, c, d = x1 + 10 * x2, x3 - x4, x2 - 2 * x3, x1 - x4
+        f = a @ a + 5 * (b @ b) + (c * c) @ (c * c) + 10 * ((d * d) @ (d * d))
+        g = x.copy()
+        g[0::4] = 2 * a + 40 * d**3
+        g[1::4] = 20 * a + 4 * c**3
+        g[2::4] = 10 * b - 8 * c**3
+        g[3::4] = -10 * b - 40 * d**3
+        return float(f), g
+
+    def solution(self) -> np.ndarray:
+        return np.zeros(self.n, dtype=self.dtype)
+
+
+class ExtendedWood(Problem):
+    """Wood's function repeated over groups of four, from (-3, -1, -3, -1); minimiser 1."""
+
+    name, group = "extended_wood", 4
+
+    def x0(self) -> np.ndarray:
+        return np.tile(np.array([-3.0, -1.0, -3.0, -1.0], dtype=self.dtype), self.n // 4)
+
+    def value_and_grad(self, x: Any) -> tuple[float, Any]:
+        x1, x2, x3, x4 = x[0::4], x[1::4], x[2::4], x[3::4]
+        t1, t2 = x2 - x1 * x1, x4 - x3 * x3
+        f = (
+            100 * (t1 @ t1) + (1 - x1) @ (1 - x1) + 90 * (t2 @ t2) + (1 - x3) @ (1 - x3)
+            + 10.1 * ((x2 - 1) @ (x2 - 1) + (x4 - 1) @ (x4 - 1)) + 19.8 * ((x2 - 1) @ (x4 - 1))
+        )
+        g = x.copy()
+        g[0::4] = -400 * t1 * x1 - 2 * (1 - x1)
+        g[1::4] = 200 * t1 + 20.2 * (x2 - 1) + 19.8 * (x4 - 1)
+        g[2::4] = -360 * t2 * x3 - 2 * (1 - x3)
+        g[3::4] = 180 * t2 + 20.2 * (x4 - 1) + 19.8 * (x2 - 1)
+        return float(f), g
+
+    def solution(self) -> np.ndarray:
+        return np.ones(self.n, dtype=self.dtype)
+
+
+class BroydenTridiagonal(Problem):
+    """sum_i r_i^2, r_i = (3 - 2 x_i) x_i - x_i-1 - 2 x_i+1 + 1 (x_0 = x_n+1 = 0), from -1."""
+
+    name = "broyden_tridiagonal"
+
+    def x0(self) -> np.ndarray:
+        return -np.ones(self.n, dtype=self.dtype)
+
+    def value_and_grad(self, x: Any) -> tuple[float, Any]:
+        r = (3 - 2 * x) * x + 1
+        r[1:] -= x[:-1]
+        r[:-1] -= 2 * x[1:]
+        g = 2 * r * (3 - 4 * x)
+        g[:-1] -= 2 * r[1:]  # dr_i+1/dx_i = -1
+        g[1:] -= 4 * r[:-1]  # dr_i-1/dx_i = -2
+        return float(r @ r), g
+
+
+class DiagonalQuadratic(Problem):
+    """0.5 x' A x - b' x with A = diag(logspace(0, log10(cond), n)), b = 1: minimiser 1/a."""
+
+    name = "quadratic"
+    group = 1
+
+    def __init__(self, n: int, dtype: Any = np.float64, cond: float = 1e4):
+        super().__init__(n, dtype)
+        self.cond = float(cond)
+        self.diagonal = np.logspace(0.0, np.log10(self.cond), self.n).astype(self.dtype)
+
+    def x0(self) -> np.ndarray:
+        return np.zeros(self.n, dtype=self.dtype)
+
+    @staticmethod
+    def _value_and_grad(a: Any, x: Any) -> tuple[float, Any]:
+        ax = a * x
+        return float(0.5 * (x @ ax) - x.sum()), ax - 1.0
+
+    def value_and_grad(self, x: Any) -> tuple[float, Any]:
+        return self._value_and_grad(self.diagonal, x)
+
+    def distributed(self, comm: Any = None, layout: SliceLayout | None = None) -> Local:
+        c = get_comm(comm)
+        layout = layout or self.layout(c.size)
+        part = layout.local_slice(c.rank)
+        a = self.diagonal[part]
+        return (lambda x: self._value_and_grad(a, x)), self.x0()[part]
+
+    def solution(self) -> np.ndarray:
+        return 1.0 / self.diagonal
+
+
+class LogisticRegression(Problem):
+    """L2-regularised logistic loss on scikit-learn's breast-cancer data (569 samples,
+    30 standardised features + intercept), weights split across ranks by feature:
+    f(w) = sum_i log(1 + exp(-y_i a_i.w)) + lam/2 |w|^2."""
+
+    name = "logistic"
+
+    def __init__(self, n: int = 31, dtype: Any = np.float64, lam: float = 1.0):
+        from sklearn.datasets import load_breast_cancer
+
+        data = load_breast_cancer()
+        features = (data.data - data.data.mean(0)) / data.data.std(0)
+        self.matrix = np.hstack([features, np.ones((features.shape[0], 1))]).astype(dtype)
+        self.labels = np.where(data.target == 1, 1.0, -1.0).astype(dtype)
+        if n != self.matrix.shape[1]:
+            raise ValueError(f"logistic has n = {self.matrix.shape[1]} weights, got n = {n}")
+        super().__init__(n, dtype)
+        self.lam = float(lam)
+
+    def x0(self) -> np.ndarray:
+        return np.zeros(self.n, dtype=self.dtype)
+
+    def _loss(self, margins: Any) -> tuple[float, Any]:
+        z = -self.labels * margins
+        loss = np.logaddexp(0.0, z).sum()
+        weights = -self.labels / (1.0 + np.exp(-z))  # d loss / d margin
+        return float(loss), weights
+
+    def value_and_grad(self, x: Any) -> tuple[float, Any]:
+        loss, weights = self._loss(self.matrix @ x)
+        return loss + 0.5 * self.lam * float(x @ x), self.matrix.T @ weights + self.lam * x
+
+    def distributed(self, comm: Any = None, layout: SliceLayout | None = None) -> Local:
+        c = get_comm(comm)
+        layout = layout or self.layout(c.size)
+        columns = self.matrix[:, layout.local_slice(c.rank)]
+
+        def fun(w: Any) -> tuple[float, Any]:
+            margins = c.allreduce(columns @ w)  # every rank needs the full margins
+            loss, weights = self._loss(margins)
+            f_part = (loss if c.rank == 0 else 0.0) + 0.5 * self.lam * float(w @ w)
+            return f_part, columns.T @ weights + self.lam * w
+
+        return fun, np.zeros(columns.shape[1], dtype=self.dtype)
+
+
+PROBLEMS: dict[str, type[Problem]] = {
+    cls.name: cls
+    for cls in (
+        ExtendedRosenbrock, ExtendedPowell, ExtendedWood, BroydenTridiagonal,
+        DiagonalQuadratic, LogisticRegression,
+    )
+}
+
+
+def make_problem(name: str, **params: Any) -> Problem:
+    """A problem by name (see ``PROBLEMS``) with its parameters (``n``, ``dtype``, ...)."""
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; known: {', '.join(sorted(PROBLEMS))}")
+    return PROBLEMS[name](**params)
