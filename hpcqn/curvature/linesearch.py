@@ -111,7 +111,9 @@ class MoreThuente:
 
     Construct with ``f(0)``, ``f'(0) < 0`` and the first trial step; then call
     :meth:`advance` with ``f`` and ``f'`` at :attr:`stp` until it returns
-    ``CONVERGED`` or ``FAILED`` (:attr:`message` says why).
+    ``CONVERGED`` or ``FAILED``. MINPACK's warnings (rounding errors, the ``xtol``
+    interval test, a step at ``stpmin``/``stpmax``) end the search with ``CONVERGED``
+    when the step lowered ``f`` and ``FAILED`` otherwise; :attr:`message` names them.
     """
 
     xtrapl = 1.1
@@ -157,13 +159,13 @@ class MoreThuente:
         if self.stage == 1 and f <= ftest and g >= 0.0:
             self.stage = 2
         if iv.brackt and (stp <= self.stmin or stp >= self.stmax):
-            return self._fail("rounding errors prevent progress")
+            return self._warn(f, "rounding errors prevent progress")
         if iv.brackt and self.stmax - self.stmin <= self.xtol * self.stmax:
-            return self._fail("interval of uncertainty below xtol")
+            return self._warn(f, "interval of uncertainty below xtol")
         if stp == self.stpmax and f <= ftest and g <= self.gtest:
-            return self._fail("step at the upper bound stpmax")
+            return self._warn(f, "step at the upper bound stpmax")
         if stp == self.stpmin and (f > ftest or g >= self.gtest):
-            return self._fail("step at the lower bound stpmin")
+            return self._warn(f, "step at the lower bound stpmin")
         if f <= ftest and abs(g) <= self.gtol * (-self.ginit):
             return CONVERGED
         if self.stage == 1 and f <= iv.fx and f > ftest:
@@ -198,9 +200,11 @@ class MoreThuente:
         self.stp = stp
         return EVALUATE
 
-    def _fail(self, message: str) -> str:
+    def _warn(self, f: float, message: str) -> str:
+        """MINPACK's warnings end the search at the current step. As in L-BFGS-B that
+        step is taken, but only when it lowered ``f`` (it is then the best step seen)."""
         self.message = message
-        return FAILED
+        return CONVERGED if f < self.finit else FAILED
 
 
 class Backtracking:

@@ -15,8 +15,10 @@ with status 2 and the last accepted point.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,11 +127,13 @@ class LBFGS:
         return f, xp.asarray(g, dtype=x.dtype)
 
     def evaluate(
-        self, x: Any, d: Any = None, with_gg: bool = False
+        self, x: Any, d: Any = None, with_gg: bool = False, agree: tuple[float, ...] = ()
     ) -> tuple[float, Any, float, float, float]:
         """``fun`` at ``x`` on every rank and ONE reduction. Returns the global ``f``,
         the local ``g``, the global max-norm of ``g``, ``g.d`` (0 without ``d``) and
-        ``g.g`` (0 unless ``with_gg``). An error in ``fun`` on any rank raises on all."""
+        ``g.g`` (0 unless ``with_gg``). An error in ``fun`` on any rank raises on all.
+        ``agree`` are numbers that must be equal on every rank (options), checked in
+        the same reduction."""
         self.nfev += 1
         f, ginf, gd, gg, error = math.nan, math.nan, 0.0, 0.0, None
         g: Any = None
@@ -143,16 +147,38 @@ class LBFGS:
                 ginf = 0.0
         except Exception as exc:  # reported to every rank by the reduction below
             error = exc
-        if self.opt.fun_global:
-            total, top = self.comm.allreduce_scalars([gd, gg], [ginf, f, -f], error)
-            if top[1] != -top[2]:
+        # The max of v and of -v over ranks: equal magnitudes mean v agrees everywhere.
+        checked = [f] if self.opt.fun_global else []
+        checked += list(agree)
+        maxes = [ginf, *checked, *(-v for v in checked)]
+        sums = [gd, gg] if self.opt.fun_global else [f, gd, gg]
+        total, top = self.comm.allreduce_scalars(sums, maxes, error)
+        k = len(checked)
+        high, low = top[1 : 1 + k], -top[1 + k :]
+        differ = [i for i in range(k) if high[i] != low[i]]
+        if differ:
+            if self.opt.fun_global and differ[0] == 0:
                 raise FunctionError(
                     f"option fun_global is set but fun returned different values on "
-                    f"different ranks (from {-top[2]!r} to {top[1]!r})"
+                    f"different ranks (from {low[0]!r} to {high[0]!r})"
                 )
-            return float(top[1]), g, float(top[0]), float(total[0]), float(total[1])
-        total, top = self.comm.allreduce_scalars([f, gd, gg], [ginf], error)
+            raise ValueError(
+                "minimize was called with different options or x0 dtypes on different "
+                "ranks; every rank must pass the same ones"
+            )
+        if self.opt.fun_global:
+            return float(high[0]), g, float(top[0]), float(total[0]), float(total[1])
         return float(total[0]), g, float(top[0]), float(total[1]), float(total[2])
+
+    def _fingerprint(self, x0: Any) -> tuple[float, ...]:
+        """Numbers every rank must agree on: the options and the dtype."""
+        opt = self.opt
+        values = [getattr(opt, f.name) for f in dataclasses.fields(opt) if f.name != "disp"]
+        numbers = [
+            float(v) if isinstance(v, (int, float)) else float(zlib.crc32(str(v).encode()))
+            for v in values
+        ]
+        return (*numbers, float(x0.dtype.itemsize))
 
     # -- the iteration -------------------------------------------------------------
     def run(self, x0: Any) -> LBFGSOutcome:
@@ -164,7 +190,7 @@ class LBFGS:
         history = GramHistory(n_local, int(opt.history), xp, x.dtype)
         eps = float(np.finfo(np.float64).eps)
 
-        f, g, ginf, _, gg = self.evaluate(x, with_gg=True)
+        f, g, ginf, _, gg = self.evaluate(x, with_gg=True, agree=self._fingerprint(x))
         if not (math.isfinite(f) and math.isfinite(ginf)):
             raise FunctionError(f"fun returned a non-finite value at x0 (f = {f}, max|g| = {ginf})")
         history.set_gradient_norm2(gg)

@@ -1,0 +1,20 @@
+"""Shared fixtures. MPI tests (``@pytest.mark.mpi``) run under
+``mpiexec -n N python -m pytest --with-mpi -m mpi``; the rest run serially."""
+
+from __future__ import annotations
+
+import os
+
+# One thread per rank: several ranks share two cores in CI.
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+import pytest  # noqa: E402
+
+import hpcqn  # noqa: E402
+
+
+@pytest.fixture
+def comm() -> hpcqn.Communicator:
+    """The world communicator (one rank in a serial run)."""
+    return hpcqn.get_comm()
