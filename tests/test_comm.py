@@ -1,0 +1,160 @@
+"""The communicator: the same test bodies run serially and under mpiexec -n 1/2/3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hpcqn
+from hpcqn.comm import Communicator, RemoteRankError, detect_cuda_aware, get_comm
+from hpcqn.layout import SliceLayout
+
+
+def uneven_counts(size: int) -> list[int]:
+    """Slice lengths 5, 0, 2, 5, 0, 2, ... (an empty slice from three ranks on)."""
+    return [(5, 0, 2)[r % 3] if size > 1 else 4 for r in range(size)]
+
+
+def rank_values(rank: int, n: int, dtype=np.float64) -> np.ndarray:
+    return (np.arange(n) + 10.0 * rank + 0.25).astype(dtype)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_allreduce_reduce_scatter_allgatherv(comm, dtype):
+    p, r = comm.size, comm.rank
+    n = 7
+    total = comm.allreduce(rank_values(r, n, dtype))
+    expected = sum(rank_values(q, n, np.float64) for q in range(p))
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    assert total.dtype == dtype
+    assert comm.allreduce(rank_values(r, n), op="max")[0] == rank_values(p - 1, n)[0]
+
+    counts = uneven_counts(p)
+    full = rank_values(r, sum(counts), dtype)
+    mine = comm.reduce_scatter(full, counts)
+    everything = sum(rank_values(q, sum(counts), np.float64) for q in range(p))
+    np.testing.assert_allclose(mine, everything[SliceLayout(tuple(counts)).local_slice(r)],
+                               rtol=1e-6)
+    gathered = comm.allgatherv(mine)  # counts gathered first
+    np.testing.assert_allclose(gathered, everything, rtol=1e-6)
+
+
+@pytest.mark.mpi
+def test_bcast_and_counters(comm):
+    c = Communicator(comm.mpi_comm) if comm.size > 1 else hpcqn.serial_comm()
+    a = np.arange(4.0) if c.rank == 0 else np.zeros(4)
+    b = c.bcast(a, root=0)
+    np.testing.assert_array_equal(b, np.arange(4.0))
+    c.allreduce(np.ones(3))
+    c.allreduce(np.ones(5))
+    assert c.calls("allreduce") == 2
+    assert c.counters["allreduce"].nbytes == 8 * 8
+    assert c.counters["bcast"].calls == 1 and c.counters["bcast"].nbytes == 32
+    c.reset_counters()
+    assert c.calls("allreduce") == 0
+
+
+@pytest.mark.mpi
+def test_allreduce_scalars_identical_and_ordered(comm):
+    r = comm.rank
+    values = [0.1 * (r + 1), 1e16 if r == 0 else 1.0]
+    sums, maxes = comm.allreduce_scalars(values, [float(r), -float(r)])
+    expected = np.zeros(2)
+    for q in range(comm.size):  # rank order
+        expected += np.array([0.1 * (q + 1), 1e16 if q == 0 else 1.0])
+    np.testing.assert_array_equal(sums, expected)
+    np.testing.assert_array_equal(maxes, [comm.size - 1, 0.0])
+    everyone = comm.allgatherv(sums)  # bitwise the same on every rank
+    np.testing.assert_array_equal(everyone, np.tile(sums, comm.size))
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_error_on_one_rank_reaches_all(comm):
+    failing = comm.size - 1
+    error = ValueError("boom on the last rank") if comm.rank == failing else None
+    expected = ValueError if comm.rank == failing else RemoteRankError
+    with pytest.raises(expected, match="boom on the last rank"):
+        comm.allreduce_scalars([1.0], [], error)
+    # The communicator is still usable afterwards: nobody is stuck in a collective.
+    assert comm.allreduce_scalars([1.0])[0][0] == comm.size
+
+
+@pytest.mark.mpi
+def test_any_mpi4py_communicator(comm):
+    if comm.size == 1 and comm.mpi_comm is None:
+        pytest.skip("needs mpi4py")
+    sub = comm.mpi_comm.Split(color=comm.rank % 2, key=comm.rank)
+    wrapped = get_comm(sub)
+    total = wrapped.allreduce(np.array([1.0]))
+    assert total[0] == len(range(comm.rank % 2, comm.size, 2))
+    sub.Free()
+
+
+@pytest.mark.mpi
+def test_gather_global_and_layout(comm):
+    layout = SliceLayout.from_local(uneven_counts(comm.size)[comm.rank], comm)
+    assert layout.counts == tuple(uneven_counts(comm.size))
+    x = np.arange(layout.n, dtype=float)[layout.local_slice(comm.rank)]
+    np.testing.assert_array_equal(hpcqn.gather_global(x, comm), np.arange(layout.n))
+
+
+def test_serial_comm_makes_no_mpi_calls():
+    c = hpcqn.serial_comm()
+    assert (c.rank, c.size, c.mpi_comm) == (0, 1, None)
+    a = np.arange(3.0)
+    out = c.allreduce(a)
+    assert out is not a and np.array_equal(out, a)
+    np.testing.assert_array_equal(c.reduce_scatter(a, [3]), a)
+    with pytest.raises(ValueError, match="counts"):
+        c.reduce_scatter(a, [2])
+    assert c.calls("allreduce") == 1
+
+
+def test_get_comm_rejects_other_objects():
+    with pytest.raises(TypeError, match="comm must be"):
+        get_comm(42)
+
+
+def test_no_mpi_environment_gives_serial(monkeypatch):
+    monkeypatch.setenv("HPCQN_NO_MPI", "1")
+    c = get_comm()
+    assert c.mpi_comm is None and c.size == 1
+
+
+def test_cuda_aware_override_and_vendor_switches(monkeypatch):
+    for name in ("MPICH_GPU_SUPPORT_ENABLED", "OMPI_MCA_opal_cuda_support", "MV2_USE_CUDA",
+                 "I_MPI_OFFLOAD", "HPCQN_CUDA_AWARE"):
+        monkeypatch.delenv(name, raising=False)
+    assert detect_cuda_aware().aware is False
+    monkeypatch.setenv("MPICH_GPU_SUPPORT_ENABLED", "1")
+    assert detect_cuda_aware().aware is True
+    monkeypatch.setenv("HPCQN_CUDA_AWARE", "0")
+    result = detect_cuda_aware()
+    assert result.aware is False and "HPCQN_CUDA_AWARE" in result.reason
+    monkeypatch.setenv("HPCQN_CUDA_AWARE", "yes")
+    with pytest.raises(ValueError, match="HPCQN_CUDA_AWARE"):
+        detect_cuda_aware()
+
+
+class FakeDeviceArray(np.ndarray):
+    """A host buffer that claims to be device memory, as mpi4py's tests use: it
+    exercises the staging path (copy out, collective, copy back) with no GPU."""
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"shape": self.shape, "typestr": self.dtype.str,
+                "data": (self.ctypes.data, False), "version": 3}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("aware", [False, True])
+def test_device_buffers_aware_and_staged(comm, aware):
+    if comm.mpi_comm is None:
+        pytest.skip("needs mpi4py")
+    c = Communicator(comm.mpi_comm, cuda_aware=aware)
+    a = rank_values(c.rank, 6).view(FakeDeviceArray)
+    total = c.allreduce(a)
+    np.testing.assert_allclose(np.asarray(total),
+                               sum(rank_values(q, 6) for q in range(c.size)))
