@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .comm import Communicator, get_comm
-from .minimize import minimize
+from .minimize import minimize, parse_options
 from .problems import make_problem
 
 if sys.version_info >= (3, 11):
@@ -75,9 +75,13 @@ def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None
     c: Communicator = get_comm(comm)
     problem_params = dict(config["problem"])
     name = problem_params.pop("name")
-    problem = make_problem(name, **problem_params)
-    fun, x0 = problem.distributed(c)
     options = dict(config.get("options", {}))
+    try:
+        problem = make_problem(name, **problem_params)
+        parse_options("lbfgs", options)
+    except (TypeError, ValueError) as exc:
+        raise JobError(f"{path}: {exc}") from exc
+    fun, x0 = problem.distributed(c)
     if c.rank == 0:
         print(
             f"hpcqn run: job {config['job']['name']!r}: {name} n={problem.n} "

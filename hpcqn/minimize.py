@@ -22,7 +22,8 @@ from .optimizers.lbfgs import LBFGS, LBFGSOptions
 METHODS = ("lbfgs",)
 
 
-def _options(method: str, options: Mapping[str, Any] | None) -> LBFGSOptions:
+def parse_options(method: str, options: Mapping[str, Any] | None) -> LBFGSOptions:
+    """Check ``method`` and ``options`` (names and values); raises ValueError."""
     if method.lower() not in METHODS:
         raise ValueError(f"unknown method {method!r}; hpcqn.minimize offers {METHODS}")
     known = {f.name for f in dataclasses.fields(LBFGSOptions)}
@@ -68,7 +69,7 @@ def minimize(
     (reductions this call made), ``comm_bytes``, ``nreset``, ``npairs_skipped``,
     ``seconds`` and, with ``gather_x``, ``x_global``.
     """
-    opts = _options(method, options)
+    opts = parse_options(method, options)
     backend.check_float_array(x0, "x0")
     c = get_comm(comm)
     calls_before = c.calls("allreduce")

@@ -89,17 +89,19 @@ def test_local_products_of_split_vectors_sum_to_global():
     """What each rank computes on its slice sums to the dot products of whole vectors."""
     rng = np.random.default_rng(11)
     n, cuts = 10, [0, 3, 3, 10]  # the middle rank has an empty slice
-    pieces = [GramHistory(b - a, 2, np, np.float64) for a, b in zip(cuts, cuts[1:])]
+    spans = list(zip(cuts[:-1], cuts[1:], strict=True))
+    pieces = [GramHistory(b - a, 2, np, np.float64) for a, b in spans]
     whole = GramHistory(n, 2, np, np.float64)
     for _ in range(4):
         s, y, g = rng.standard_normal((3, n))
         slot = whole.free_slot()
-        for part, a, b in zip(pieces, cuts, cuts[1:]):
+        for part, (a, b) in zip(pieces, spans, strict=True):
             s_row, y_row = part.pair_rows(slot)
             s_row[:], y_row[:] = s[a:b], y[a:b]
         s_row, y_row = whole.pair_rows(slot)
         s_row[:], y_row[:] = s, y
-        summed = sum(p.local_products(slot, g[a:b]) for p, a, b in zip(pieces, cuts, cuts[1:]))
+        summed = sum(p.local_products(slot, g[a:b]) for p, (a, b) in zip(pieces, spans,
+                                                                         strict=True))
         np.testing.assert_allclose(summed, whole.local_products(slot, g), rtol=1e-13)
         accepted = whole.absorb(summed, slot, EPS)
         for part in pieces:

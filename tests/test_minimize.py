@@ -183,7 +183,8 @@ def test_unknown_and_bad_options():
 
 
 def test_gradient_of_wrong_shape():
-    with pytest.raises(hpcqn.FunctionError, match=r"gradient of shape \(2,\) for x of shape \(3,\)"):
+    message = r"gradient of shape \(2,\) for x of shape \(3,\)"
+    with pytest.raises(hpcqn.FunctionError, match=message):
         hpcqn.minimize(lambda x: (0.0, np.zeros(2)), np.zeros(3))
 
 

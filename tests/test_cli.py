@@ -1,0 +1,123 @@
+"""The command line, run as users run it: real processes, real mpiexec, with timeouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = shutil.which("mpiexec")
+needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def hpcqn(*args: str, ranks: int = 0, timeout: float = 120) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "hpcqn", *args]
+    if ranks:
+        command = [MPIEXEC, "-n", str(ranks), *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=ENV)
+
+
+def small_job(tmp_path: Path, n: int = 2000, extra: str = "") -> Path:
+    job = tmp_path / "small.toml"
+    job.write_text(
+        f'[job]\nkind = "minimize"\n[problem]\nname = "extended_rosenbrock"\nn = {n}\n'
+        f'[options]\ngtol = 1e-7\ndisp = 10\n{extra}'
+    )
+    return job
+
+
+def test_info():
+    out = hpcqn("info")
+    assert out.returncode == 0, out.stderr
+    for label in ("MPI", "ranks", "CUDA-aware MPI", "devices"):
+        assert label in out.stdout
+
+
+@needs_mpiexec
+def test_info_under_mpiexec_reports_rank_count():
+    out = hpcqn("info", ranks=2)
+    assert out.returncode == 0, out.stderr
+    assert "ranks     2" in out.stdout and out.stdout.count("hpcqn ") == 1  # rank 0 only
+
+
+def test_run_serial_writes_summary(tmp_path):
+    summary_path = tmp_path / "summary.json"
+    out = hpcqn("run", str(small_job(tmp_path)), "--output", str(summary_path))
+    assert out.returncode == 0, out.stderr
+    assert "iter     10" in out.stdout and "hpcqn run: done: CONVERGENCE" in out.stdout
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == 0 and summary["error_inf"] < 1e-6 and summary["ranks"] == 1
+
+
+@needs_mpiexec
+def test_run_two_ranks_matches_one(tmp_path):
+    paths = []
+    for ranks in (1, 2):
+        path = tmp_path / f"summary{ranks}.json"
+        out = hpcqn("run", str(small_job(tmp_path)), "--output", str(path), ranks=ranks)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("hpcqn run: done") == 1  # only rank 0 prints
+        paths.append(json.loads(path.read_text()))
+    one, two = paths
+    assert two["ranks"] == 2 and two["nit"] == one["nit"]
+    assert two["fun"] == pytest.approx(one["fun"], rel=1e-6, abs=1e-14)
+
+
+def test_shipped_job_file_is_valid():
+    from hpcqn.jobs import load_job
+
+    config = load_job(ROOT / "jobs" / "rosenbrock.toml")
+    assert config["problem"]["name"] == "extended_rosenbrock" and config["problem"]["n"] >= 1e5
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("[job]\nkind = 'minimize'\n[problem]\nname = 'nope'\n", "unknown problem 'nope'"),
+        ("[job]\nkind = 'train'\n[problem]\nname = 'logistic'\n", "kind must be one of"),
+        ("[job]\nkind = 'minimize'\n[problem]\nname = 'logistic'\n[options]\nmaxcor = 3\n",
+         "unknown option"),
+        ("[job]\nkind = 'minimize'\n[problme]\n", "unknown section"),
+        ("[job\n", "not valid TOML"),
+    ],
+)
+def test_bad_job_files(tmp_path, content, message):
+    job = tmp_path / "bad.toml"
+    job.write_text(content)
+    out = hpcqn("run", str(job))
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
+def test_missing_job_file(tmp_path):
+    out = hpcqn("run", str(tmp_path / "absent.toml"))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+@needs_mpiexec
+def test_fun_failing_on_one_rank_ends_the_job(tmp_path):
+    """A script whose callback raises on rank 1 only: the whole mpiexec job ends with an
+    error within the timeout instead of hanging."""
+    script = tmp_path / "failing.py"
+    script.write_text(
+        "import numpy as np, hpcqn\n"
+        "comm = hpcqn.get_comm()\n"
+        "def fun(x):\n"
+        "    if comm.rank == 1:\n"
+        "        raise RuntimeError('mesh inverted on rank 1')\n"
+        "    return float(x @ x), 2 * x\n"
+        "hpcqn.minimize(fun, np.ones(5), comm=comm)\n"
+    )
+    out = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script)], capture_output=True,
+                         text=True, timeout=60, env=ENV)
+    assert out.returncode != 0
+    assert "RuntimeError: mesh inverted on rank 1" in out.stderr
+    assert "RemoteRankError: rank 1 failed: RuntimeError: mesh inverted on rank 1" in out.stderr
