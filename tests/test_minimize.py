@@ -140,7 +140,29 @@ def test_wrong_gradient_stops_with_line_search_status():
     res = hpcqn.minimize(lambda x: (problem.value_and_grad(x)[0], -problem.value_and_grad(x)[1]),
                          x0)
     assert res.status == 2 and not res.success and "LNSRCH" in res.message
+    assert res.nreset == 0  # no history yet: a retry would repeat the same search
     np.testing.assert_array_equal(res.x, x0)
+
+
+def test_line_search_failure_drops_history_then_stops():
+    """The gradient turns wrong after 12 evaluations: the first failed search drops the
+    history and retries with steepest descent, the second stops the run at the last
+    accepted point, whose f is the lowest seen."""
+    problem = make_problem("extended_rosenbrock", n=10)
+    accepted = []
+    calls = 0
+
+    def fun(x):
+        nonlocal calls
+        calls += 1
+        f, g = problem.value_and_grad(x)
+        return f, (g if calls <= 12 else -g)
+
+    res = hpcqn.minimize(fun, problem.x0(),
+                         callback=lambda r: accepted.append((r.x.copy(), r.fun)))
+    assert res.status == 2 and res.nreset == 1
+    np.testing.assert_array_equal(res.x, accepted[-1][0])
+    assert res.fun == accepted[-1][1] == problem.value_and_grad(res.x)[0]
 
 
 def test_non_finite_region_is_backed_out_of():
