@@ -1,0 +1,222 @@
+"""Data-parallel optimizers whose state is split by block ownership.
+
+:class:`BlockOptimizer` owns the distribution; subclasses (mL-BFGS, SGD, Adam) only
+say how one block is updated. One step, in mode ``"replicated"`` (``x`` is the whole
+vector on every rank, ``g`` this rank's minibatch gradient):
+
+1. ``g`` is copied into the rank-major order, with one extra slot per rank segment
+   holding "this rank's gradient is not finite";
+2. ONE ``reduce_scatter`` gives each owner the sum of its blocks' gradients (and every
+   rank the number of ranks with a non-finite gradient); the owner divides by ``P``;
+3. if any rank's gradient was not finite, every rank skips the step (and counts it);
+4. each owner updates its blocks; ONE ``allgatherv`` returns every block to everyone.
+
+That moves the bytes of one gradient allreduce. In mode ``"sharded"`` each rank holds
+only its segment of ``x`` and of the (already global) gradient: the step is local but
+for one small reduction that agrees on skipping.
+
+Optimizer state exists only for owned blocks, keyed by block id, as plain arrays and
+numbers (:meth:`state_dict`), so memory per rank falls as ``1/P``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..backend import check_float_array, namespace
+from ..comm import Communicator, get_comm
+from ..layout import BlockLayout
+
+MODES = ("replicated", "sharded")
+Schedule = float | Callable[[int], float]
+State = dict[str, Any]
+
+
+class BlockOptimizer:
+    """Base class: the distribution of a block-wise optimizer (see the module docs)."""
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        comm: Any = None,
+        lr: Schedule = 0.1,
+        weight_decay: float = 0.0,
+        mode: str = "replicated",
+    ):
+        self.comm: Communicator = get_comm(comm)
+        if not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        if layout.nranks != self.comm.size:
+            raise ValueError(
+                f"layout was made for {layout.nranks} ranks but the communicator has "
+                f"{self.comm.size}; build it with BlockLayout.from_sizes(sizes, comm.size)"
+            )
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not callable(lr) and not float(lr) > 0:
+            raise ValueError(f"lr must be positive or a callable of the step, got {lr!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.layout = layout
+        self.mode = mode
+        self.lr = lr
+        self.weight_decay = float(weight_decay)
+        self.rank = self.comm.rank
+        self.owned = layout.blocks_of(self.rank)
+        offsets = layout.offsets
+        # Where each owned block sits in this rank's segment of the rank-major order.
+        self.segment: dict[int, slice] = {}
+        position = 0
+        for b in self.owned:
+            self.segment[b] = slice(position, position + layout.sizes[b])
+            position += layout.sizes[b]
+        self.param_slice = {b: slice(offsets[b], offsets[b] + layout.sizes[b]) for b in self.owned}
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.block_state: dict[int, dict[str, Any]] = {}
+        self._buffers: dict[str, Any] = {}
+
+    # -- to be provided by subclasses ---------------------------------------------------
+    def init_block(self, block: int, theta: Any, g: Any) -> State:
+        """The state of ``block`` before its first update."""
+        raise NotImplementedError
+
+    def direction(self, block: int, state: State, theta: Any, g: Any) -> Any:
+        """The step direction of ``block`` from its averaged gradient ``g`` (weight decay
+        included; ``g`` may be overwritten and returned)."""
+        raise NotImplementedError
+
+    def direction_scale(self, directions: dict[int, Any]) -> float:
+        """A factor applied to every block's direction (1: none)."""
+        return 1.0
+
+    def apply(self, block: int, state: State, theta: Any, d: Any, lr: float) -> None:
+        """Move ``theta`` in place along ``d``: ``theta -= lr * d`` by default."""
+        theta -= lr * d
+
+    # -- the step ------------------------------------------------------------------------
+    def current_lr(self) -> float:
+        lr = self.lr(self.step_count) if callable(self.lr) else self.lr
+        return float(lr)
+
+    def _buffer(self, name: str, n: int, like: Any) -> Any:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] != n or buf.dtype != like.dtype:
+            buf = self._buffers[name] = namespace(like).empty(n, dtype=like.dtype)
+        return buf
+
+    def _check(self, x: Any, g: Any) -> None:
+        check_float_array(x, "x")
+        check_float_array(g, "g")
+        expected = self.layout.n if self.mode == "replicated" else self.layout.counts[self.rank]
+        if x.shape != (expected,) or g.shape != (expected,):
+            where = "the whole vector" if self.mode == "replicated" else "this rank's segment"
+            raise ValueError(
+                f"mode {self.mode!r} needs x and g of length {expected} ({where}), got "
+                f"{x.shape[0]} and {g.shape[0]}"
+            )
+        if x.dtype != g.dtype:
+            raise TypeError(f"x and g must have one dtype, got {x.dtype} and {g.dtype}")
+
+    def step(self, x: Any, g: Any) -> bool:
+        """One optimizer step; updates ``x`` in place. Returns False when the step was
+        skipped because some rank's gradient was not finite (then nothing changed)."""
+        self._check(x, g)
+        xp = namespace(x, g)
+        finite = bool(xp.isfinite(g).all())
+        if self.mode == "replicated":
+            return self._step_replicated(x, g, finite, xp)
+        return self._step_sharded(x, g, finite)
+
+    def _step_replicated(self, x: Any, g: Any, finite: bool, xp: Any) -> bool:
+        layout, comm = self.layout, self.comm
+        counts = [c + 1 for c in layout.counts]  # + the flag slot
+        send = self._buffer("send", layout.n + layout.nranks, g)
+        position = 0
+        offsets = layout.offsets
+        for r in range(layout.nranks):
+            for b in layout.blocks_of(r):
+                size = layout.sizes[b]
+                send[position : position + size] = g[offsets[b] : offsets[b] + size]
+                position += size
+            send[position] = 0.0 if finite else 1.0
+            position += 1
+        mine = comm.reduce_scatter(send, counts)
+        if float(mine[-1]) > 0:
+            self.skipped_steps += 1
+            return False
+        grad = mine[:-1]
+        if layout.nranks > 1:
+            grad *= 1.0 / layout.nranks
+        own = self._buffer("own", layout.counts[self.rank], x)
+        for b in self.owned:
+            own[self.segment[b]] = x[self.param_slice[b]]
+        self._update_owned(own, grad)
+        gathered = comm.allgatherv(own, list(layout.counts))
+        layout.from_rank_major(gathered, x)
+        return True
+
+    def _step_sharded(self, x: Any, g: Any, finite: bool) -> bool:
+        _, top = self.comm.allreduce_scalars([], [0.0 if finite else 1.0])
+        if top[0] > 0:
+            self.skipped_steps += 1
+            return False
+        self._update_owned(x, g.copy())
+        return True
+
+    def _update_owned(self, own: Any, grad: Any) -> None:
+        """Update this rank's segment ``own`` in place from its averaged gradient."""
+        lr = self.current_lr()
+        directions = {}
+        for b in self.owned:
+            theta, gb = own[self.segment[b]], grad[self.segment[b]]
+            if self.weight_decay:
+                gb += self.weight_decay * theta
+            state = self.block_state.get(b)
+            if state is None:
+                state = self.block_state[b] = self.init_block(b, theta, gb)
+            directions[b] = self.direction(b, state, theta, gb)
+        scale = self.direction_scale(directions)
+        for b in self.owned:
+            self.apply(b, self.block_state[b], own[self.segment[b]], directions[b], lr * scale)
+        self.step_count += 1
+
+    # -- state ---------------------------------------------------------------------------
+    def export_block(self, state: State) -> State:
+        """One block's state as plain arrays and numbers (copies)."""
+        return {k: _copy(v) for k, v in state.items()}
+
+    def import_block(self, block: int, saved: State) -> State:
+        """The inverse of :meth:`export_block`."""
+        return {k: _copy(v) for k, v in saved.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: counters and, per owned block id, plain arrays and numbers."""
+        return {
+            "step_count": self.step_count,
+            "skipped_steps": self.skipped_steps,
+            "blocks": {b: self.export_block(s) for b, s in self.block_state.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (blocks this rank does not own are ignored, so the
+        states of all ranks may be merged and loaded on a different rank count)."""
+        self.step_count = int(state["step_count"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.block_state = {
+            int(b): self.import_block(int(b), saved)
+            for b, saved in state["blocks"].items()
+            if int(b) in self.segment
+        }
+
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state this rank holds (arrays only)."""
+        total = 0
+        for saved in self.state_dict()["blocks"].values():
+            total += sum(int(v.nbytes) for v in saved.values() if hasattr(v, "nbytes"))
+        return total
+
+
+def _copy(value: Any) -> Any:
+    return value.copy() if hasattr(value, "nbytes") else value

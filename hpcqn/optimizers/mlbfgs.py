@@ -1,0 +1,168 @@
+"""mL-BFGS: momentum L-BFGS with a block-wise Hessian (Niu et al., TMLR 2023).
+
+ALGORITHMS.md section 1, per block ``b`` that this rank owns, at step ``t``::
+
+    Mth = beta Mth + (1 - beta) theta_t ;  Mg = beta Mg + (1 - beta) g_t
+    (both start at the first step's theta and g)
+    every `period` steps (t > 0, t % period == 0):
+        s = Mth - Mth_prev ; y = Mg - Mg_prev ; Mth_prev, Mg_prev = Mth, Mg
+        y_hat = tau y + (1 - tau) s            (hpcqn.curvature.damping)
+        push (s, y_hat) when s.y_hat is finite and > 0, else skip and count
+    d = H_b g_b  (compact form, H0 = gamma I; d = g_b until the block has a pair)
+    theta_b -= lr d
+
+Options from the authors' released code (defaults off; see the README for the
+benchmark that chose them): ``momentum_form="sum"`` (un-normalised sums, gradient sum
+restarted at each pair), ``pair_smoothing`` ("double momentum": s <- (1-c) s + c s_prev,
+same for y), ``normalize_direction`` (divide every direction by the global 2-norm
+over all blocks: one extra small reduction per step), ``direction_momentum``
+(heavy-ball momentum on the direction).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..backend import namespace
+from ..curvature.block_history import BlockHistory
+from ..curvature.damping import SIGMA_H, SIGMA_L, damping_tau
+from ..layout import BlockLayout
+from .blockwise import BlockOptimizer, Schedule, State
+
+MOMENTUM_FORMS = ("ema", "sum")
+
+
+class MLBFGS(BlockOptimizer):
+    """mL-BFGS over a :class:`~hpcqn.layout.BlockLayout`; ``step(x, g)`` updates ``x``."""
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        comm: Any = None,
+        lr: Schedule = 0.1,
+        history: int = 10,
+        period: int = 50,
+        beta: float = 0.9,
+        damping: float = 0.01,
+        weight_decay: float = 0.0,
+        mode: str = "replicated",
+        sigma_l: float = SIGMA_L,
+        sigma_h: float = SIGMA_H,
+        momentum_form: str = "ema",
+        pair_smoothing: float = 0.0,
+        normalize_direction: bool = False,
+        direction_momentum: float = 0.0,
+    ):
+        super().__init__(layout, comm, lr=lr, weight_decay=weight_decay, mode=mode)
+        if int(history) != history or history < 1:
+            raise ValueError(f"history must be a positive integer, got {history}")
+        if int(period) != period or period < 1:
+            raise ValueError(f"period must be a positive integer, got {period}")
+        for name, value in (("beta", beta), ("pair_smoothing", pair_smoothing),
+                            ("direction_momentum", direction_momentum)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if momentum_form not in MOMENTUM_FORMS:
+            raise ValueError(
+                f"momentum_form must be one of {MOMENTUM_FORMS}, got {momentum_form!r}"
+            )
+        damping_tau(0.5, damping, sigma_l, sigma_h)  # validates the damping parameters
+        self.history, self.period, self.beta = int(history), int(period), float(beta)
+        self.damping, self.sigma_l, self.sigma_h = float(damping), float(sigma_l), float(sigma_h)
+        self.momentum_form = momentum_form
+        self.pair_smoothing = float(pair_smoothing)
+        self.normalize_direction = bool(normalize_direction)
+        self.direction_momentum = float(direction_momentum)
+
+    # -- per block -------------------------------------------------------------------------
+    def init_block(self, block: int, theta: Any, g: Any) -> State:
+        xp = namespace(theta)
+        return {
+            "theta_mom": theta.copy(), "grad_mom": g.copy(),
+            "theta_prev": theta.copy(), "grad_prev": g.copy(),
+            "history": BlockHistory(theta.shape[0], self.history, xp, theta.dtype),
+            "dir_mom": xp.zeros_like(theta), "npairs": 0, "skipped_pairs": 0,
+            "first_step": self.step_count,
+        }
+
+    def _momentum(self, state: State, theta: Any, g: Any) -> None:
+        if self.step_count == state["first_step"]:
+            return  # the sums start at the first step's values
+        beta = self.beta
+        weight = 1.0 - beta if self.momentum_form == "ema" else 1.0
+        for name, value in (("theta_mom", theta), ("grad_mom", g)):
+            buf = state[name]
+            buf *= beta
+            buf += weight * value
+
+    def _form_pair(self, state: State, g: Any) -> None:
+        s = state["theta_mom"] - state["theta_prev"]
+        y = state["grad_mom"] - state["grad_prev"]
+        state["theta_prev"][...] = state["theta_mom"]
+        state["grad_prev"][...] = state["grad_mom"]
+        if self.momentum_form == "sum":
+            state["grad_mom"][...] = g  # the released code restarts the gradient sum
+        history: BlockHistory = state["history"]
+        c = self.pair_smoothing
+        if c and len(history):
+            newest = history.order[-1]
+            s = (1.0 - c) * s + c * history.vectors[newest]
+            y = (1.0 - c) * y + c * history.vectors[history.history + newest]
+        ss, sy = float(s @ s), float(s @ y)
+        tau = damping_tau(sy / ss if ss > 0 else math.nan, self.damping, self.sigma_l,
+                          self.sigma_h)
+        y_hat = tau * y + (1.0 - tau) * s
+        s_yhat = float(s @ y_hat)
+        if math.isfinite(s_yhat) and s_yhat > 0.0 and ss > 0.0:
+            history.push(s, y_hat)
+            state["npairs"] += 1
+        else:
+            state["skipped_pairs"] += 1
+
+    def direction(self, block: int, state: State, theta: Any, g: Any) -> Any:
+        self._momentum(state, theta, g)
+        t = self.step_count
+        if t > state["first_step"] and (t - state["first_step"]) % self.period == 0:
+            self._form_pair(state, g)
+        history: BlockHistory = state["history"]
+        if not len(history):
+            return g  # first-order warm-up until the block has a pair
+        return history.apply(g, namespace(g).empty_like(g))
+
+    def direction_scale(self, directions: dict[int, Any]) -> float:
+        if not self.normalize_direction:
+            return 1.0
+        local = sum(float(d @ d) for d in directions.values())
+        total, _ = self.comm.allreduce_scalars([local])
+        return 1.0 / math.sqrt(total[0]) if total[0] > 0 else 1.0
+
+    def apply(self, block: int, state: State, theta: Any, d: Any, lr: float) -> None:
+        if self.direction_momentum:
+            buf = state["dir_mom"]
+            buf *= self.direction_momentum
+            buf += d
+            d = buf
+        theta -= lr * d
+
+    # -- state -----------------------------------------------------------------------------
+    def export_block(self, state: State) -> State:
+        saved = {k: v for k, v in state.items() if k != "history"}
+        saved = super().export_block(saved)
+        saved.update({f"history_{k}": v for k, v in state["history"].state_dict().items()})
+        return saved
+
+    def import_block(self, block: int, saved: State) -> State:
+        state = super().import_block(block, {k: v for k, v in saved.items()
+                                             if not k.startswith("history_")})
+        history = {k[len("history_"):]: v for k, v in saved.items() if k.startswith("history_")}
+        state["history"] = BlockHistory.from_state(history, namespace(state["theta_mom"]))
+        return state
+
+    def statistics(self) -> dict[str, int]:
+        """Pairs stored and skipped over this rank's blocks, and skipped steps."""
+        return {
+            "npairs": sum(s["npairs"] for s in self.block_state.values()),
+            "skipped_pairs": sum(s["skipped_pairs"] for s in self.block_state.values()),
+            "skipped_steps": self.skipped_steps,
+        }
