@@ -261,3 +261,83 @@ def make_problem(name: str, **params: Any) -> Problem:
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; known: {', '.join(sorted(PROBLEMS))}")
     return PROBLEMS[name](**params)
+
+
+class DigitsSoftmax:
+    """Multinomial logistic regression on scikit-learn's digits (8x8 images, 10 classes):
+    ``W`` is 10 x 65 (64 standardised pixels + intercept), flattened by class, so the
+    natural blocks are one per class (``block_sizes``). Loss: mean cross-entropy plus
+    ``l2 / 2 |W|^2``. A 75/25 train/test split by ``seed``.
+
+    For data parallelism each global batch is split across ranks and every rank returns
+    ``nranks / batch_size`` times the sum over its rows, so the average over ranks is the
+    mean over the global batch whatever the split.
+    """
+
+    name = "digits_softmax"
+    classes, features = 10, 65
+
+    def __init__(self, l2: float = 1e-4, seed: int = 0, dtype: Any = np.float64):
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(data.data.shape[0])
+        n_train = int(0.75 * order.size)
+        train, test = order[:n_train], order[n_train:]
+        mean, std = data.data[train].mean(0), data.data[train].std(0) + 1e-8
+
+        def features(rows: np.ndarray) -> np.ndarray:
+            scaled = (data.data[rows] - mean) / std
+            return np.hstack([scaled, np.ones((rows.size, 1))]).astype(dtype)
+
+        self.train_x, self.train_y = features(train), data.target[train]
+        self.test_x, self.test_y = features(test), data.target[test]
+        self.l2, self.seed, self.dtype = float(l2), int(seed), np.dtype(dtype)
+        self.n = self.classes * self.features
+        self.block_sizes = [self.features] * self.classes
+
+    def x0(self) -> np.ndarray:
+        return np.zeros(self.n, dtype=self.dtype)
+
+    def _loss_sum(self, w: Any, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, Any]:
+        weights = w.reshape(self.classes, self.features)
+        logits = inputs @ weights.T
+        logits -= logits.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(logits).sum(axis=1))
+        picked = logits[np.arange(labels.size), labels]
+        probabilities = np.exp(logits - log_norm[:, None])
+        probabilities[np.arange(labels.size), labels] -= 1.0
+        return float((log_norm - picked).sum()), (probabilities.T @ inputs).ravel()
+
+    def batch_loss(self, w: Any, batch: tuple[np.ndarray, float]) -> tuple[float, Any]:
+        """``fun(x, batch)`` for :func:`hpcqn.minimize_stochastic`."""
+        rows, scale = batch
+        loss, grad = self._loss_sum(w, self.train_x[rows], self.train_y[rows])
+        return scale * loss + 0.5 * self.l2 * float(w @ w), scale * grad + self.l2 * w
+
+    def train_loss(self, w: Any) -> float:
+        """The full training objective (mean cross-entropy + L2)."""
+        loss, _ = self._loss_sum(w, self.train_x, self.train_y)
+        return loss / self.train_y.size + 0.5 * self.l2 * float(w @ w)
+
+    def test_accuracy(self, w: Any) -> float:
+        weights = w.reshape(self.classes, self.features)
+        return float(np.mean(np.argmax(self.test_x @ weights.T, axis=1) == self.test_y))
+
+    def batches(self, batch_size: int, rank: int = 0, nranks: int = 1) -> Callable[[int], list]:
+        """A callable epoch -> this rank's batches: the training rows shuffled per epoch
+        (seeded), cut into global batches of ``batch_size`` (the last partial one
+        dropped), rank ``r`` taking rows ``r::nranks`` of each."""
+        if batch_size < nranks:
+            raise ValueError(f"batch_size {batch_size} is smaller than the rank count {nranks}")
+
+        def for_epoch(epoch: int) -> list[tuple[np.ndarray, float]]:
+            order = np.random.default_rng((self.seed, epoch)).permutation(self.train_y.size)
+            count = order.size // batch_size
+            return [
+                (order[i * batch_size : (i + 1) * batch_size][rank::nranks], nranks / batch_size)
+                for i in range(count)
+            ]
+
+        return for_epoch

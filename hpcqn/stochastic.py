@@ -1,0 +1,213 @@
+"""``hpcqn.minimize_stochastic``: data-parallel training of a flat parameter vector from
+minibatch callbacks, with mL-BFGS or the first-order baselines.
+
+Every rank holds the whole ``x`` (replicated) and its own iterable of batches;
+``fun(x, batch) -> (f, g)`` returns this rank's share, and the step uses the average of
+``g`` over ranks (so a rank should return the mean over its part of the global batch,
+or a weighted share whose average over ranks is the global mean). Each step makes one
+small reduction of the loss (it also checks that every rank still has a batch and that
+no rank failed), then the optimizer's own reduce-scatter and allgatherv.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+
+from .backend import check_float_array, namespace
+from .comm import get_comm
+from .layout import BlockLayout
+from .optimizers.blockwise import BlockOptimizer
+from .optimizers.first_order import SGD, Adam
+from .optimizers.mlbfgs import MLBFGS
+
+METHODS: dict[str, type[BlockOptimizer]] = {"mlbfgs": MLBFGS, "sgd": SGD, "adam": Adam}
+DRIVER_OPTIONS = {"epochs", "blocks", "block_size", "disp", "lr_schedule"}
+SCHEDULES = ("constant", "cosine")
+METHOD_OPTIONS = {
+    "mlbfgs": {"lr", "history", "period", "beta", "damping", "weight_decay", "sigma_l",
+               "sigma_h", "momentum_form", "pair_smoothing", "normalize_direction",
+               "direction_momentum"},
+    "sgd": {"lr", "momentum", "nesterov", "weight_decay"},
+    "adam": {"lr", "betas", "eps", "weight_decay"},
+}
+
+
+def make_optimizer(
+    method: str, layout: BlockLayout, comm: Any, options: Mapping[str, Any]
+) -> BlockOptimizer:
+    """A block optimizer by name with its options (unknown names are errors)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    unknown = sorted(set(options) - METHOD_OPTIONS[method])
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}; "
+            f"known: {', '.join(sorted(METHOD_OPTIONS[method] | DRIVER_OPTIONS))}"
+        )
+    kwargs = dict(options)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return METHODS[method](layout, comm, **kwargs)
+
+
+def _layout(n: int, options: Mapping[str, Any], nranks: int) -> BlockLayout:
+    if "blocks" in options and "block_size" in options:
+        raise ValueError("give either 'blocks' (a list of sizes) or 'block_size', not both")
+    if "blocks" in options:
+        sizes = [int(s) for s in options["blocks"]]
+        if sum(sizes) != n:
+            raise ValueError(f"option 'blocks' sums to {sum(sizes)} but x0 has {n} entries")
+        return BlockLayout.from_sizes(sizes, nranks)
+    return BlockLayout.chunks(n, int(options.get("block_size", 1 << 16)), nranks)
+
+
+def _epoch_batches(batches: Any, epoch: int, epochs: int) -> Iterable[Any]:
+    if callable(batches):
+        return batches(epoch)
+    if epochs > 1 and iter(batches) is batches:
+        raise TypeError(
+            "batches is an iterator, which can be walked once; for several epochs pass a "
+            "list, a re-iterable object, or a callable epoch -> iterable"
+        )
+    return batches
+
+
+def minimize_stochastic(
+    fun: Callable[[Any, Any], tuple[Any, Any]],
+    x0: Any,
+    batches: Iterable[Any] | Callable[[int], Iterable[Any]],
+    method: str = "mlbfgs",
+    comm: Any = None,
+    options: Mapping[str, Any] | None = None,
+    callback: Callable[[OptimizeResult], Any] | None = None,
+) -> OptimizeResult:
+    """Train ``x`` (replicated on every rank) over this rank's ``batches``.
+
+    ``options``: ``epochs`` (default 1), ``blocks`` (block sizes in parameter order) or
+    ``block_size`` (fixed chunks; default 65536), ``disp`` (rank 0 prints one line per
+    epoch; default True), ``lr_schedule`` (``"constant"`` or ``"cosine"``: annealed per
+    epoch, ``lr (1 + cos(pi epoch / epochs)) / 2``) and the method's own (``lr``; for
+    ``"mlbfgs"`` ``history``, ``period``, ``beta``, ``damping``, ...; ``"sgd"``:
+    ``momentum``, ``nesterov``; ``"adam"``: ``betas``, ``eps``; all: ``weight_decay``).
+
+    ``callback`` is called on every rank after each step with ``x``, ``fun`` (the step's
+    mean loss over ranks), ``nit``, ``epoch`` and ``epoch_end``; ``StopIteration`` from
+    it on any rank stops every rank before the next step.
+
+    Returns an ``OptimizeResult`` with ``x``, ``fun`` (mean loss of the last epoch),
+    ``loss_history`` (per step), ``epoch_losses``, ``nit``, ``nepochs``,
+    ``skipped_steps`` (non-finite gradients), ``seconds``, ``status``/``message``.
+    """
+    check_float_array(x0, "x0")
+    c = get_comm(comm)
+    opts = dict(options or {})
+    epochs = int(opts.pop("epochs", 1))
+    disp = bool(opts.pop("disp", True))
+    schedule = opts.pop("lr_schedule", "constant")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"option 'lr_schedule' must be one of {SCHEDULES}, got {schedule!r}")
+    layout = _layout(x0.shape[0], opts, c.size)
+    opts.pop("blocks", None)
+    opts.pop("block_size", None)
+    if epochs < 1:
+        raise ValueError(f"option 'epochs' must be >= 1, got {epochs}")
+    optimizer = make_optimizer(method, layout, c, opts)
+    base_lr = optimizer.lr
+    if schedule == "cosine" and callable(base_lr):
+        raise ValueError("lr_schedule='cosine' needs a number as lr, not a callable")
+    x = namespace(x0).array(x0, copy=True)
+    checksum = [float(x.sum()), float((x * x).sum())]
+    _, top = c.allreduce_scalars([], checksum + [-v for v in checksum])
+    if any(top[i] != -top[2 + i] for i in range(2)):
+        raise ValueError("x0 differs between ranks; every rank must start from the same x0")
+
+    start = time.perf_counter()
+    losses: list[float] = []
+    epoch_losses: list[float] = []
+    status, message, stop = 0, "finished the requested epochs", False
+    pending: BaseException | None = None  # a callback error, agreed on in the next reduction
+    for epoch in range(epochs):
+        if schedule == "cosine":  # annealed per epoch: lr0 (1 + cos(pi e / E)) / 2
+            optimizer.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+        iterator = iter(_epoch_batches(batches, epoch, epochs))
+        epoch_sum, epoch_steps = 0.0, 0
+        while True:
+            batch = next(iterator, _END)
+            exhausted = batch is _END
+            f, g, error = 0.0, None, None
+            if not exhausted:
+                try:
+                    f, g = fun(x, batch)
+                    f = float(f)
+                    if getattr(g, "shape", None) != x.shape:
+                        raise ValueError(
+                            f"fun returned a gradient of shape {getattr(g, 'shape', None)} "
+                            f"for x of shape {x.shape}"
+                        )
+                except Exception as exc:  # every rank raises below
+                    error = exc
+            total, flags = c.allreduce_scalars(
+                [f], [float(exhausted), -float(exhausted), float(stop)], pending or error
+            )
+            if flags[2]:
+                status, message = 99, "`callback` raised `StopIteration`."
+                break
+            if flags[0] and not -flags[1]:
+                raise ValueError(
+                    f"ranks ran out of batches at different steps (epoch {epoch}, step "
+                    f"{epoch_steps}); every rank needs the same number of batches per epoch"
+                )
+            if flags[0]:
+                break
+            loss = float(total[0]) / c.size
+            optimizer.step(x, namespace(x).asarray(g, dtype=x.dtype))
+            losses.append(loss)
+            if math.isfinite(loss):
+                epoch_sum += loss
+            epoch_steps += 1
+            if callback is not None:
+                stop, pending = _call(callback, x, loss, len(losses), epoch, False, stop)
+        if status == 99:
+            break
+        epoch_losses.append(epoch_sum / max(epoch_steps, 1))
+        if callback is not None:
+            stop, pending = _call(callback, x, epoch_losses[-1], len(losses), epoch, True, stop)
+        if disp and c.rank == 0:
+            print(
+                f"{method} epoch {epoch + 1}/{epochs}: mean loss {epoch_losses[-1]:.6g}, "
+                f"{epoch_steps} steps, {time.perf_counter() - start:.2f} s",
+                flush=True,
+            )
+        if stop:
+            status, message = 99, "`callback` raised `StopIteration`."
+            break
+    if callback is not None:
+        c.allreduce_scalars([], [], pending)  # a failure in the last callback reaches all
+    return OptimizeResult(
+        x=x, fun=epoch_losses[-1] if epoch_losses else math.nan,
+        loss_history=np.array(losses), epoch_losses=np.array(epoch_losses),
+        nit=len(losses), nepochs=len(epoch_losses), skipped_steps=optimizer.skipped_steps,
+        seconds=time.perf_counter() - start, status=status, success=status == 0,
+        message=message, optimizer=optimizer,
+    )
+
+
+_END = object()
+
+
+def _call(callback: Callable[[OptimizeResult], Any], x: Any, loss: float, nit: int,
+          epoch: int, epoch_end: bool, stop: bool) -> tuple[bool, BaseException | None]:
+    """Run the callback: (stop requested, the exception it raised)."""
+    try:
+        callback(OptimizeResult(x=x, fun=loss, nit=nit, epoch=epoch, epoch_end=epoch_end))
+    except StopIteration:
+        return True, None
+    except Exception as exc:
+        return stop, exc
+    return stop, None
