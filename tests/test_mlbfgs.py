@@ -1,0 +1,228 @@
+"""mL-BFGS core: damping, the compact history product, momentum and pair formation,
+against closed forms and dense float64 references (serial)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hpcqn
+from hpcqn.curvature.block_history import BlockHistory
+from hpcqn.curvature.damping import SIGMA_H, SIGMA_L, damping_tau
+from hpcqn.layout import BlockLayout
+from hpcqn.optimizers.mlbfgs import MLBFGS
+
+
+def damped(s, y, damping=0.01):
+    tau = damping_tau(float(s @ y / (s @ s)), damping)
+    return tau * y + (1 - tau) * s
+
+
+def dense_inverse_bfgs(pairs, n):
+    """H from the BFGS inverse update, H0 = (s.y / y.y) I of the newest pair."""
+    s_new, y_new = pairs[-1]
+    h = (s_new @ y_new) / (y_new @ y_new) * np.eye(n)
+    for s, y in pairs:
+        rho = 1.0 / (s @ y)
+        v = np.eye(n) - rho * np.outer(y, s)
+        h = v.T @ h @ v + rho * np.outer(s, s)
+    return h
+
+
+def dense_direct_bfgs(pairs, n):
+    """B (the Hessian approximation) from the direct BFGS update, B0 = (y.y / s.y) I."""
+    s_new, y_new = pairs[-1]
+    b = (y_new @ y_new) / (s_new @ y_new) * np.eye(n)
+    for s, y in pairs:
+        bs = b @ s
+        b = b - np.outer(bs, bs) / (s @ bs) + np.outer(y, y) / (y @ s)
+    return b
+
+
+# -- damping -----------------------------------------------------------------------------
+def adversarial_pairs(rng, n=8):
+    s = rng.standard_normal(n)
+    yield s, -s  # s.y < 0
+    yield s, -1e6 * s
+    yield s, 1e-12 * s  # nearly flat
+    yield s, 1e8 * s  # very stiff
+    yield s, rng.standard_normal(n)  # unrelated
+    yield s, np.zeros(n)
+    yield 1e-150 * s, rng.standard_normal(n)  # tiny s
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01, 0.2])
+def test_damping_keeps_curvature_in_bounds(damping):
+    rng = np.random.default_rng(0)
+    pairs = list(adversarial_pairs(rng))
+    pairs += [(rng.standard_normal(8), rng.standard_normal(8) * rng.uniform(-5, 5))
+              for _ in range(200)]
+    for s, y in pairs:
+        mu = s @ y / (s @ s)
+        y_hat = damped(s, y, damping)
+        ratio = (s @ y_hat) / (s @ s)
+        assert s @ y_hat > 0
+        assert SIGMA_L * (1 - 1e-12) <= ratio <= SIGMA_H * (1 + 1e-12)
+        if SIGMA_L < mu < SIGMA_H:  # inside the band only tau0 = 1 - damping acts
+            assert ratio == pytest.approx(1 + (1 - damping) * (mu - 1), rel=1e-12)
+
+
+def test_damping_tau_closed_forms():
+    assert damping_tau(-1.0, 0.01) == pytest.approx((1 - SIGMA_L) / 2)  # (1 - sL)/(1 - mu)
+    assert damping_tau(3.0, 0.01) == pytest.approx((SIGMA_H - 1) / 2)  # (sH - 1)/(mu - 1)
+    assert damping_tau(0.5, 0.01) == 0.99
+    assert damping_tau(0.0, 0.5) == 0.5  # capped by tau0
+    with pytest.raises(ValueError, match="damping"):
+        damping_tau(0.5, 1.0)
+
+
+# -- the history product -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-3)])
+def test_history_product_is_the_inverse_of_dense_bfgs(dtype, rtol):
+    rng = np.random.default_rng(1)
+    n, m = 20, 5
+    history = BlockHistory(n, m, np, dtype)
+    pairs = []
+    for _ in range(2 * m + 3):  # wraps the ring buffer
+        s = rng.standard_normal(n)
+        y = damped(s, rng.standard_normal(n) + 0.5 * s)  # damped: s.y > 0
+        s, y = s.astype(dtype), y.astype(dtype)
+        history.push(s, y)
+        pairs = (pairs + [(s.astype(np.float64), y.astype(np.float64))])[-m:]
+        g = rng.standard_normal(n)
+        d = history.apply(g.astype(dtype), np.empty(n, dtype=dtype)).astype(np.float64)
+        expected = np.linalg.solve(dense_direct_bfgs(pairs, n), g)  # B^-1 g, independently
+        np.testing.assert_allclose(d, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+        np.testing.assert_allclose(dense_inverse_bfgs(pairs, n) @ g, expected, rtol=1e-8)
+        assert d @ g > 0
+
+
+def test_history_state_round_trip():
+    rng = np.random.default_rng(2)
+    history = BlockHistory(6, 3, np, np.float64)
+    for _ in range(5):
+        s = rng.standard_normal(6)
+        history.push(s, damped(s, rng.standard_normal(6)))
+    copy = BlockHistory.from_state(history.state_dict(), np)
+    g = rng.standard_normal(6)
+    np.testing.assert_array_equal(copy.apply(g, np.empty(6)), history.apply(g, np.empty(6)))
+
+
+# -- momentum and pairs, by hand -------------------------------------------------------------
+def test_momentum_and_pairs_by_hand():
+    """Three blocks of 2, period 2, beta 0.5, lr 0.1: the sequence written out."""
+    layout = BlockLayout.from_sizes([2, 2, 2], 1)
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=0.1, history=3, period=2, beta=0.5,
+                 damping=0.0)
+    a = np.diag([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    x = np.ones(6)
+    thetas, grads = [], []
+    for _ in range(3):
+        g = a @ x
+        thetas.append(x.copy())
+        grads.append(g.copy())
+        opt.step(x, g)
+    # Steps 0 and 1 are first-order: theta_1 = theta_0 - lr g_0, theta_2 = theta_1 - lr g_1.
+    np.testing.assert_allclose(thetas[1], thetas[0] - 0.1 * grads[0])
+    np.testing.assert_allclose(thetas[2], thetas[1] - 0.1 * grads[1])
+    # Momentum starts at step 0's values; at step 2 the pair is formed from steps 0..2.
+    m_theta = 0.5 * (0.5 * thetas[0] + 0.5 * thetas[1]) + 0.5 * thetas[2]
+    m_grad = 0.5 * (0.5 * grads[0] + 0.5 * grads[1]) + 0.5 * grads[2]
+    for block in range(3):
+        part = slice(2 * block, 2 * block + 2)
+        state = opt.block_state[block]
+        np.testing.assert_allclose(state["theta_mom"], m_theta[part])
+        s, y = m_theta[part] - thetas[0][part], m_grad[part] - grads[0][part]
+        y_hat = damped(s, y, 0.0)
+        history = state["history"]
+        assert len(history) == 1 and state["npairs"] == 1
+        np.testing.assert_allclose(history.vectors[0], s)
+        np.testing.assert_allclose(history.vectors[3], y_hat)
+        # Step 2's direction: H g_2 with the one pair.
+        d = dense_inverse_bfgs([(s, y_hat)], 2) @ grads[2][part]
+        np.testing.assert_allclose(x[part], thetas[2][part] - 0.1 * d)
+
+
+def test_weight_decay_and_lr_schedule():
+    layout = BlockLayout.chunks(4, 2, 1)
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=lambda t: 0.1 / (t + 1), weight_decay=0.5,
+                 period=100)
+    x, g = np.ones(4), np.zeros(4)
+    opt.step(x, g)  # d = g + wd x = 0.5; lr(0) = 0.1
+    np.testing.assert_allclose(x, 1 - 0.1 * 0.5)
+    before = x.copy()
+    opt.step(x, np.zeros(4))  # lr(1) = 0.05
+    np.testing.assert_allclose(x, before - 0.05 * 0.5 * before)
+
+
+def test_converges_on_a_deterministic_quadratic():
+    """beta 0, period 1: plain block-diagonal L-BFGS with a fixed step; on a block-
+    diagonal SPD quadratic it converges to the closed-form minimiser."""
+    rng = np.random.default_rng(3)
+    blocks = [5, 7, 4]
+    matrices = []
+    for size in blocks:
+        q = rng.standard_normal((size, size))
+        matrices.append(q @ q.T / size + 0.5 * np.eye(size))
+    a = np.zeros((16, 16))
+    start = 0
+    for size, m in zip(blocks, matrices, strict=True):
+        a[start : start + size, start : start + size] = m
+        start += size
+    b = rng.standard_normal(16)
+    opt = MLBFGS(BlockLayout.from_sizes(blocks, 1), hpcqn.serial_comm(), lr=1.0, beta=0.0,
+                 period=1, damping=0.0, sigma_l=1e-8, sigma_h=1e8)
+    x = np.zeros(16)
+    for _ in range(60):
+        opt.step(x, a @ x - b)
+    np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-8)
+
+
+def test_nan_gradient_skips_the_step():
+    layout = BlockLayout.chunks(6, 3, 1)
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=0.1, period=1, beta=0.0)
+    x = np.ones(6)
+    opt.step(x, x.copy())
+    state_before = opt.state_dict()
+    x_before = x.copy()
+    g = x.copy()
+    g[4] = np.nan
+    assert opt.step(x, g) is False
+    np.testing.assert_array_equal(x, x_before)
+    assert opt.skipped_steps == 1 and opt.step_count == state_before["step_count"]
+    after = opt.state_dict()
+    for block, saved in state_before["blocks"].items():
+        for key, value in saved.items():
+            np.testing.assert_array_equal(after["blocks"][block][key], value)
+    assert opt.step(x, x.copy()) is True  # the run continues
+
+
+def test_bad_input():
+    layout = BlockLayout.chunks(6, 3, 1)
+    comm = hpcqn.serial_comm()
+    with pytest.raises(ValueError, match="history"):
+        MLBFGS(layout, comm, history=0)
+    with pytest.raises(ValueError, match="beta"):
+        MLBFGS(layout, comm, beta=1.0)
+    with pytest.raises(ValueError, match="momentum_form"):
+        MLBFGS(layout, comm, momentum_form="nesterov")
+    with pytest.raises(ValueError, match="2 ranks"):
+        MLBFGS(BlockLayout.chunks(6, 3, 2), comm)
+    opt = MLBFGS(layout, comm)
+    with pytest.raises(ValueError, match="length 6"):
+        opt.step(np.ones(5), np.ones(5))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        opt.step(np.ones(6, dtype=int), np.ones(6, dtype=int))
+
+
+def test_block_layout_greedy_owners_and_rank_major_order():
+    layout = BlockLayout.from_sizes([5, 3, 8, 2, 2], 3)
+    assert layout.owners == (1, 2, 0, 2, 1)  # 8 -> r0, 5 -> r1, 3 -> r2, 2 -> r2, 2 -> r1
+    assert layout.counts == (8, 7, 5)
+    x = np.arange(20.0)
+    buffer = layout.to_rank_major(x, np.empty(20))
+    np.testing.assert_array_equal(buffer[:8], x[8:16])  # rank 0's block 2 first
+    np.testing.assert_array_equal(layout.from_rank_major(buffer, np.empty(20)), x)
+    assert BlockLayout.chunks(10, 4, 2).sizes == (4, 4, 2)
+    with pytest.raises(ValueError, match="positive"):
+        BlockLayout.from_sizes([3, 0], 1)
