@@ -7,13 +7,20 @@ Layers (each imports only from those above it): ``backend`` (array namespace),
 """
 
 from .comm import Communicator, RemoteRankError, get_comm, serial_comm
-from .layout import SliceLayout, gather_global
+from .layout import BlockLayout, SliceLayout, gather_global
 from .minimize import minimize, scipy_lbfgs
+from .optimizers.first_order import SGD, Adam
 from .optimizers.lbfgs import FunctionError
+from .optimizers.mlbfgs import MLBFGS
+from .stochastic import minimize_stochastic
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLBFGS",
+    "SGD",
+    "Adam",
+    "BlockLayout",
     "Communicator",
     "FunctionError",
     "RemoteRankError",
@@ -22,6 +29,7 @@ __all__ = [
     "gather_global",
     "get_comm",
     "minimize",
+    "minimize_stochastic",
     "scipy_lbfgs",
     "serial_comm",
 ]

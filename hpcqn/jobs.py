@@ -1,6 +1,6 @@
 """Job files: TOML experiment definitions that ``hpcqn run`` executes.
 
-A job names its kind, its problem and the solver options::
+Two kinds of job. ``kind = "minimize"`` names a problem and the solver options::
 
     [job]
     kind = "minimize"            # the distributed L-BFGS on a test problem
@@ -11,6 +11,23 @@ A job names its kind, its problem and the solver options::
     [options]                    # hpcqn.minimize options
     history = 10
     disp = 25
+
+``kind = "stochastic"`` trains a problem with minibatches, once per method, and
+compares them (see ``jobs/logreg_mlbfgs.toml``)::
+
+    [job]
+    kind = "stochastic"
+    [problem]
+    name = "digits_softmax"      # multinomial logistic regression on scikit-learn's digits
+    [train]
+    epochs = 20
+    batch_size = 60              # global batch, split across ranks
+    lr_schedule = "cosine"
+    target_gap = 0.01            # report steps to train loss <= optimum + target_gap
+    [methods.mlbfgs]             # one table per method: hpcqn.minimize_stochastic options
+    lr = 0.1
+    [methods.sgd]
+    lr = 0.3
 
 Unknown sections or keys are errors, raised before any work starts.
 """
@@ -26,16 +43,19 @@ from typing import Any
 import numpy as np
 
 from .comm import Communicator, get_comm
+from .layout import BlockLayout
 from .minimize import minimize, parse_options
-from .problems import make_problem
+from .problems import DigitsSoftmax, make_problem
+from .stochastic import make_optimizer, minimize_stochastic
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-JOB_KINDS = ("minimize",)
-SECTIONS = {"job": {"kind", "name", "description"}, "problem": None, "options": None}
+JOB_KINDS = ("minimize", "stochastic")
+SECTIONS = {"job": {"kind", "name", "description"}, "problem": None, "options": None,
+            "train": {"epochs", "batch_size", "lr_schedule", "target_gap"}, "methods": None}
 
 
 class JobError(ValueError):
@@ -54,10 +74,11 @@ def load_job(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
         raise JobError(f"{path}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+    for section in ("job", "train"):
+        unknown = sorted(set(config.get(section, {})) - SECTIONS[section])
+        if unknown:
+            raise JobError(f"{path}: unknown key(s) {unknown} in [{section}]")
     job = config.get("job", {})
-    unknown = sorted(set(job) - SECTIONS["job"])
-    if unknown:
-        raise JobError(f"{path}: unknown key(s) {unknown} in [job]")
     kind = job.get("kind")
     if kind not in JOB_KINDS:
         raise JobError(f"{path}: [job] kind must be one of {JOB_KINDS}, got {kind!r}")
@@ -69,10 +90,20 @@ def load_job(path: str | Path) -> dict[str, Any]:
 
 
 def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None) -> dict[str, Any]:
-    """Run a job on every rank of ``comm``; rank 0 prints progress and a summary line
-    and, with ``output``, writes the summary as JSON. Returns the summary."""
+    """Run a job on every rank of ``comm``; rank 0 prints progress and a summary and,
+    with ``output``, writes the summary as JSON. Returns the summary."""
     config = load_job(path)
     c: Communicator = get_comm(comm)
+    if config["job"]["kind"] == "stochastic":
+        summary = _run_stochastic(path, config, c)
+    else:
+        summary = _run_minimize(path, config, c)
+    if c.rank == 0 and output is not None:
+        Path(output).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _run_minimize(path: str | Path, config: dict[str, Any], c: Communicator) -> dict[str, Any]:
     problem_params = dict(config["problem"])
     name = problem_params.pop("name")
     options = dict(config.get("options", {}))
@@ -111,6 +142,75 @@ def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None
             f"{c.size} rank(s)",
             flush=True,
         )
-        if output is not None:
-            Path(output).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+STOCHASTIC_PROBLEMS = {"digits_softmax": DigitsSoftmax}
+
+
+def _run_stochastic(path: str | Path, config: dict[str, Any], c: Communicator) -> dict[str, Any]:
+    """Train the problem once per method in ``[methods]``; per-epoch lines on rank 0."""
+    params = dict(config["problem"])
+    name = params.pop("name")
+    train = dict(config.get("train", {}))
+    methods = dict(config.get("methods", {}))
+    if not methods:
+        raise JobError(f"{path}: a stochastic job needs at least one [methods.NAME] table")
+    if name not in STOCHASTIC_PROBLEMS:
+        raise JobError(f"{path}: unknown stochastic problem {name!r}; known: "
+                       f"{sorted(STOCHASTIC_PROBLEMS)}")
+    try:
+        problem = STOCHASTIC_PROBLEMS[name](**params)
+        base = {"epochs": int(train.get("epochs", 10)), "blocks": problem.block_sizes,
+                "lr_schedule": train.get("lr_schedule", "constant"), "disp": False}
+        for method, options in methods.items():
+            make_optimizer(method, BlockLayout.from_sizes(problem.block_sizes, c.size), c,
+                           dict(options))
+    except (TypeError, ValueError) as exc:
+        raise JobError(f"{path}: {exc}") from exc
+    batch_size = int(train.get("batch_size", 64))
+    optimum = problem.optimum()
+    target = optimum + float(train.get("target_gap", 0.01))
+    if c.rank == 0:
+        print(f"hpcqn run: job {config['job']['name']!r}: {name} n={problem.n}, "
+              f"{len(problem.block_sizes)} blocks, batch {batch_size} over {c.size} rank(s); "
+              f"optimum train loss {optimum:.6f}, target {target:.6f}", flush=True)
+    results: dict[str, Any] = {}
+    for method, options in methods.items():
+        record: dict[str, Any] = {"epochs": [], "steps_to_target": None}
+        clock = {"start": time.perf_counter(), "evaluating": 0.0}
+
+        def on_step(state: Any, method: str = method, record: dict = record,
+                    clock: dict = clock) -> None:
+            if not state.epoch_end:
+                return
+            began = time.perf_counter()
+            loss, accuracy = problem.train_loss(state.x), problem.test_accuracy(state.x)
+            clock["evaluating"] += time.perf_counter() - began
+            seconds = time.perf_counter() - clock["start"] - clock["evaluating"]
+            record["epochs"].append({"epoch": state.epoch + 1, "train_loss": loss,
+                                     "test_accuracy": accuracy, "seconds": seconds,
+                                     "steps": state.nit})
+            if record["steps_to_target"] is None and loss <= target:
+                record["steps_to_target"], record["seconds_to_target"] = state.nit, seconds
+            if c.rank == 0:
+                print(f"{method:7s} epoch {state.epoch + 1:3d}: train loss {loss:.6f}  "
+                      f"test accuracy {accuracy:.4f}  {seconds:7.2f} s", flush=True)
+
+        result = minimize_stochastic(
+            problem.batch_loss, problem.x0(), problem.batches(batch_size, c.rank, c.size),
+            method=method, comm=c, options={**base, **options}, callback=on_step,
+        )
+        record["skipped_steps"] = result.skipped_steps
+        results[method] = record
+    if c.rank == 0:
+        print("hpcqn run: done:", flush=True)
+        for method, record in results.items():
+            last = record["epochs"][-1]
+            reached = (f"target after {record['steps_to_target']} steps "
+                       f"({record['seconds_to_target']:.2f} s)"
+                       if record["steps_to_target"] is not None else "target not reached")
+            print(f"  {method:7s} train loss {last['train_loss']:.6f}  test accuracy "
+                  f"{last['test_accuracy']:.4f}  {last['seconds']:.2f} s  {reached}", flush=True)
+    return {"job": config["job"]["name"], "problem": name, "ranks": c.size,
+            "optimum": optimum, "target": target, "methods": results, "status": 0}

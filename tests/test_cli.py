@@ -71,11 +71,31 @@ def test_run_two_ranks_matches_one(tmp_path):
     assert two["fun"] == pytest.approx(one["fun"], rel=1e-6, abs=1e-14)
 
 
-def test_shipped_job_file_is_valid():
+def test_shipped_job_files_are_valid():
     from hpcqn.jobs import load_job
 
     config = load_job(ROOT / "jobs" / "rosenbrock.toml")
     assert config["problem"]["name"] == "extended_rosenbrock" and config["problem"]["n"] >= 1e5
+    config = load_job(ROOT / "jobs" / "logreg_mlbfgs.toml")
+    assert set(config["methods"]) == {"mlbfgs", "sgd", "adam"}
+
+
+@needs_mpiexec
+def test_stochastic_job_under_mpiexec(tmp_path):
+    """The shipped comparison job, shortened to 3 epochs, on two ranks."""
+    text = (ROOT / "jobs" / "logreg_mlbfgs.toml").read_text().replace("epochs = 20", "epochs = 3")
+    job = tmp_path / "short.toml"
+    job.write_text(text)
+    summary_path = tmp_path / "summary.json"
+    out = hpcqn("run", str(job), "--output", str(summary_path), ranks=2)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(summary_path.read_text())
+    assert summary["ranks"] == 2
+    for method in ("mlbfgs", "sgd", "adam"):
+        epochs = summary["methods"][method]["epochs"]
+        assert len(epochs) == 3 and epochs[-1]["test_accuracy"] > 0.9
+        assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+        assert out.stdout.count(f"{method:7s} epoch") == 3  # rank 0 only
 
 
 @pytest.mark.parametrize(
