@@ -14,7 +14,9 @@ allgather of every rank's values, summed in rank order on every rank: the result
 bitwise identical on all ranks and deterministic for a fixed rank count, so that every
 rank takes the same branch in an algorithm. The same reduction carries an error flag,
 which is how a failure on one rank reaches all the others instead of leaving them
-waiting in a collective.
+waiting in a collective. The counters record such a reduction as an "allreduce" call
+whose received bytes are the whole table (``P`` times what the rank sent): for the few
+dozen numbers these carry, an allgather costs the same latency as an allreduce.
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ def _mpi() -> Any | None:
 
 @dataclass
 class CollectiveCounter:
-    """Calls and payload bytes (this rank's contribution) for one kind of collective."""
+    """Calls, payload bytes this rank contributed (``nbytes``) and bytes it received
+    (``nbytes_received``) for one kind of collective."""
 
     calls: int = 0
     nbytes: int = 0
+    nbytes_received: int = 0
 
 
 @dataclass
@@ -77,10 +81,11 @@ def detect_cuda_aware() -> CudaAwareness:
         if override not in ("0", "1"):
             raise ValueError(f"HPCQN_CUDA_AWARE must be 0 or 1, got {override!r}")
         return CudaAwareness(override == "1", f"HPCQN_CUDA_AWARE={override}")
-    if _mpi() is not None:
-        try:
-            query = ctypes.CDLL(None).MPIX_Query_cuda_support
-        except AttributeError:
+    MPI = _mpi()
+    if MPI is not None:
+        try:  # mpi4py loads libmpi privately: look the symbol up through its module
+            query = ctypes.CDLL(MPI.__file__).MPIX_Query_cuda_support
+        except (AttributeError, OSError):
             query = None
         if query is not None:
             query.restype = ctypes.c_int
@@ -112,10 +117,11 @@ class Communicator:
         self._parallel = self.size > 1
 
     # -- bookkeeping ---------------------------------------------------------------
-    def _count(self, kind: str, nbytes: int) -> None:
+    def _count(self, kind: str, nbytes: int, received: int | None = None) -> None:
         counter = self.counters.setdefault(kind, CollectiveCounter())
         counter.calls += 1
         counter.nbytes += int(nbytes)
+        counter.nbytes_received += int(nbytes if received is None else received)
 
     def calls(self, kind: str) -> int:
         """How many ``kind`` collectives ("allreduce", "allgatherv", ...) ran so far."""
@@ -168,7 +174,7 @@ class Communicator:
                 f"reduce_scatter counts {counts} do not split a vector of {a.shape[0]} "
                 f"over {self.size} ranks"
             )
-        self._count("reduce_scatter", a.nbytes)
+        self._count("reduce_scatter", a.nbytes, counts[self.rank] * a.itemsize)
         if not self._parallel:
             return a.copy()
         send = self._to_mpi(a)
@@ -178,7 +184,7 @@ class Communicator:
 
     def allgather_counts(self, n_local: int) -> list[int]:
         """Every rank's ``n_local``, in rank order."""
-        self._count("allgather", 8)
+        self._count("allgather", 8, 8 * self.size)
         if not self._parallel:
             return [int(n_local)]
         return [int(c) for c in self.mpi_comm.allgather(int(n_local))]
@@ -194,7 +200,7 @@ class Communicator:
                 f"allgatherv: this rank holds {a.shape[0]} entries but counts say "
                 f"{counts[self.rank]}"
             )
-        self._count("allgatherv", a.nbytes)
+        self._count("allgatherv", a.nbytes, sum(counts) * a.itemsize)
         if not self._parallel:
             return a.copy()
         send = self._to_mpi(a)
@@ -236,7 +242,7 @@ class Communicator:
         maxes = np.asarray(maxes, dtype=np.float64).ravel()
         flag = 0.0 if error is None else 1.0
         local = np.concatenate(([flag], sums, maxes))
-        self._count("allreduce", local.nbytes)
+        self._count("allreduce", local.nbytes, local.nbytes * self.size)
         if self._parallel:
             table = np.empty((self.size, local.size))
             self.mpi_comm.Allgather(local, table)

@@ -9,6 +9,7 @@ a SciPy custom method: ``scipy.optimize.minimize(fun, x0, jac=True, method=hpcqn
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,21 +70,22 @@ def minimize(
     (reductions this call made), ``comm_bytes``, ``nreset``, ``npairs_skipped``,
     ``seconds`` and, with ``gather_x``, ``x_global``.
     """
-    opts = parse_options(method, options)
-    backend.check_float_array(x0, "x0")
     c = get_comm(comm)
-    calls_before = c.calls("allreduce")
     bytes_before = sum(counter.nbytes for counter in c.counters.values())
+    try:
+        opts = parse_options(method, options)
+        backend.check_float_array(x0, "x0")
+    except (TypeError, ValueError) as exc:
+        # Raised on every rank, even when only this rank's input is bad.
+        LBFGS(fun, c, LBFGSOptions()).fail_setup(exc)
+        raise  # pragma: no cover - fail_setup always raises
 
-    def intermediate(x: Any, f: float, g: Any, nit: int) -> OptimizeResult:
-        return OptimizeResult(x=x.copy(), fun=f, jac=g, nit=nit)
-
-    solver = LBFGS(fun, c, opts, callback=callback, make_intermediate=intermediate)
+    solver = LBFGS(fun, c, opts, callback=_scipy_style(callback))
     out = solver.run(x0)
     result = OptimizeResult(
         x=out.x, fun=out.f, jac=out.g, nit=out.nit, nfev=out.nfev, njev=out.nfev,
         status=out.status, success=out.status == 0, message=out.message,
-        nallreduce=c.calls("allreduce") - calls_before,
+        nallreduce=solver.nreductions,
         comm_bytes=sum(counter.nbytes for counter in c.counters.values()) - bytes_before,
         nreset=out.nreset, npairs_skipped=out.npairs_skipped, seconds=out.seconds,
     )
@@ -97,6 +99,27 @@ def minimize(
             flush=True,
         )
     return result
+
+
+def _scipy_style(
+    callback: Callable[..., Any] | None,
+) -> Callable[[Any, float, Any, int], Any] | None:
+    """Call ``callback`` as SciPy does: with an ``OptimizeResult`` when it has a parameter
+    named ``intermediate_result``, else with a copy of ``x``."""
+    if callback is None:
+        return None
+    try:
+        new_style = "intermediate_result" in inspect.signature(callback).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        new_style = False
+
+    def call(x: Any, f: float, g: Any, nit: int) -> Any:
+        if new_style:
+            return callback(intermediate_result=OptimizeResult(x=x.copy(), fun=f, jac=g.copy(),
+                                                               nit=nit))
+        return callback(x.copy())
+
+    return call
 
 
 def scipy_lbfgs(

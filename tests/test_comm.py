@@ -127,6 +127,7 @@ def test_cuda_aware_override_and_vendor_switches(monkeypatch):
     for name in ("MPICH_GPU_SUPPORT_ENABLED", "OMPI_MCA_opal_cuda_support", "MV2_USE_CUDA",
                  "I_MPI_OFFLOAD", "HPCQN_CUDA_AWARE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HPCQN_NO_MPI", "1")  # no library to ask: the switches decide
     assert detect_cuda_aware().aware is False
     monkeypatch.setenv("MPICH_GPU_SUPPORT_ENABLED", "1")
     assert detect_cuda_aware().aware is True
@@ -136,6 +137,23 @@ def test_cuda_aware_override_and_vendor_switches(monkeypatch):
     monkeypatch.setenv("HPCQN_CUDA_AWARE", "yes")
     with pytest.raises(ValueError, match="HPCQN_CUDA_AWARE"):
         detect_cuda_aware()
+
+
+def test_cuda_aware_vendor_query_is_used_where_exported(monkeypatch):
+    """MPICH and Open MPI export MPIX_Query_cuda_support; the PyPI build has no CUDA."""
+    monkeypatch.delenv("HPCQN_CUDA_AWARE", raising=False)
+    from hpcqn.comm import _mpi
+
+    if _mpi() is None:
+        pytest.skip("needs mpi4py")
+    import ctypes
+
+    try:
+        ctypes.CDLL(_mpi().__file__).MPIX_Query_cuda_support  # noqa: B018
+    except AttributeError:
+        pytest.skip("this MPI library does not export MPIX_Query_cuda_support")
+    result = detect_cuda_aware()
+    assert result.reason == "MPIX_Query_cuda_support()" and result.aware is False
 
 
 class FakeDeviceArray(np.ndarray):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from hpcqn.curvature.linesearch import CONVERGED, EVALUATE, FAILED, Backtracking, MoreThuente
@@ -108,3 +109,48 @@ def test_backtracking_armijo():
     assert status == CONVERGED
     assert stp == 4.0 and nfev == 5  # 64, 32, 16, 8 fail the Armijo test; 4 passes
     assert phi_quadratic(stp)[0] <= f0 + 1e-4 * stp * d0
+
+
+def scipy_trials(phi, stp0, ftol, gtol, xtol, stpmax):
+    """The steps SciPy's MINPACK-2 dcsrch port evaluates, for an independent reference."""
+    dcsrch_module = pytest.importorskip("scipy.optimize._dcsrch")
+    steps = []
+
+    def value(a):
+        steps.append(a)
+        return phi(a)[0]
+
+    search = dcsrch_module.DCSRCH(value, lambda a: phi(a)[1], ftol, gtol, xtol, 0.0, stpmax)
+    f0, d0 = phi(0.0)
+    steps.clear()
+    stp, _, _, task = search(stp0, phi0=f0, derphi0=d0, maxiter=30)
+    return steps, task
+
+
+def test_trial_steps_match_minpack_on_random_functions():
+    """On random smooth 1-D functions our trial steps are MINPACK-2's (via SciPy)."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(300):
+        c = rng.standard_normal(4)
+        scale = 10 ** rng.uniform(-2, 2)
+
+        def phi(a, c=c, scale=scale):  # a random quartic with phi'(0) < 0
+            f = -abs(c[0]) * a + c[1] * a**2 + abs(c[2]) * a**4 * scale + 0.1 * c[3] * a**3
+            d = -abs(c[0]) + 2 * c[1] * a + 4 * abs(c[2]) * a**3 * scale + 0.3 * c[3] * a**2
+            return f, d
+
+        stp0 = 10 ** rng.uniform(-2, 1)
+        ftol, gtol, xtol = 1e-3, 0.9, 0.1
+        reference, task = scipy_trials(phi, stp0, ftol, gtol, xtol, 1e10)
+        ours = []
+        search = MoreThuente(*phi(0.0), stp0, ftol=ftol, gtol=gtol, xtol=xtol)
+        result = EVALUATE
+        while result == EVALUATE and len(ours) < 30:
+            ours.append(search.stp)
+            result = search.advance(*phi(search.stp))
+        np.testing.assert_allclose(ours[: len(reference)], reference, rtol=1e-10)
+        if task[:4] == b"CONV":
+            assert result == CONVERGED and len(ours) == len(reference)
+        checked += 1
+    assert checked == 300

@@ -108,6 +108,51 @@ def test_callback_gets_intermediate_result_and_stop_iteration():
     assert "StopIteration" in res.message and res.fun == seen[-1][1]
 
 
+def test_old_style_callback_gets_x():
+    problem = make_problem("extended_rosenbrock", n=10)
+    seen = []
+    res = hpcqn.minimize(problem.value_and_grad, problem.x0(), callback=seen.append)
+    assert len(seen) == res.nit and isinstance(seen[0], np.ndarray)
+    np.testing.assert_array_equal(seen[-1], res.x)
+    assert seen[0] is not seen[1]  # copies, not the solver's buffer
+
+
+def test_gradient_returned_in_the_same_buffer_every_call():
+    """A simulation code that reuses one gradient array: same iterates as fresh arrays."""
+    problem = make_problem("extended_rosenbrock", n=100)
+    shared = np.empty(100)
+
+    def reusing(x):
+        f, g = problem.value_and_grad(x)
+        shared[...] = g
+        return f, shared
+
+    fresh = hpcqn.minimize(problem.value_and_grad, problem.x0())
+    reused = hpcqn.minimize(reusing, problem.x0())
+    assert reused.nit == fresh.nit
+    np.testing.assert_array_equal(reused.x, fresh.x)
+
+
+def test_non_descent_direction_resets_history(monkeypatch):
+    """A direction that is not a descent direction (injected once, as rounding could
+    produce it) drops the history and takes the scaled gradient step instead."""
+    from hpcqn.curvature.gram_history import GramHistory
+
+    real = GramHistory.direction_coefficients
+    calls = {"n": 0}
+
+    def flipped_once(self):
+        calls["n"] += 1
+        delta = real(self)
+        return -delta if calls["n"] == 5 else delta
+
+    monkeypatch.setattr(GramHistory, "direction_coefficients", flipped_once)
+    problem = make_problem("extended_rosenbrock", n=100)
+    res = hpcqn.minimize(problem.value_and_grad, problem.x0(), options={"gtol": 1e-6})
+    assert res.success and res.nreset == 1
+    np.testing.assert_allclose(res.x, 1.0, atol=1e-5)
+
+
 def test_limits():
     problem = make_problem("extended_rosenbrock", n=100)
     fun, x0 = problem.distributed()
@@ -158,8 +203,10 @@ def test_line_search_failure_drops_history_then_stops():
         f, g = problem.value_and_grad(x)
         return f, (g if calls <= 12 else -g)
 
-    res = hpcqn.minimize(fun, problem.x0(),
-                         callback=lambda r: accepted.append((r.x.copy(), r.fun)))
+    def callback(intermediate_result):
+        accepted.append((intermediate_result.x, intermediate_result.fun))
+
+    res = hpcqn.minimize(fun, problem.x0(), callback=callback)
     assert res.status == 2 and res.nreset == 1
     np.testing.assert_array_equal(res.x, accepted[-1][0])
     assert res.fun == accepted[-1][1] == problem.value_and_grad(res.x)[0]

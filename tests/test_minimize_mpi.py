@@ -74,14 +74,101 @@ def test_empty_slices_and_uneven_split(comm):
     np.testing.assert_allclose(res.x_global, ref.x, rtol=1e-8)
 
 
+class CountingComm:
+    """An mpi4py communicator that counts the MPI calls made through it."""
+
+    def __init__(self, mpi_comm):
+        self.mpi_comm = mpi_comm
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        attribute = getattr(self.mpi_comm, name)
+        if name in ("Get_rank", "Get_size") or not callable(attribute):
+            return attribute
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attribute(*args, **kwargs)
+
+        return counted
+
+
 def test_one_reduction_per_iteration_plus_one_per_trial(comm):
+    """MPI calls counted at the mpi4py level and callback calls counted here: one
+    collective at x0, then one per line-search trial and one per iteration."""
+    if comm.size == 1:
+        pytest.skip("a one-rank communicator makes no MPI calls")
     problem = make_problem("extended_rosenbrock", n=200)
     fun, x0 = problem.distributed(comm)
-    c = hpcqn.get_comm(comm)
-    res = hpcqn.minimize(fun, x0, comm=c)
-    # x0: 1; each iteration: (line-search trials) + 1; trials in all = nfev - 1.
+    evaluations = []
+
+    def counted(x):
+        evaluations.append(1)
+        return fun(x)
+
+    mpi = CountingComm(comm.mpi_comm)
+    res = hpcqn.minimize(counted, x0, comm=hpcqn.Communicator(mpi))
+    assert res.nfev == len(evaluations)
+    assert mpi.calls == {"Allgather": 1 + (len(evaluations) - 1) + res.nit}
+    assert res.nallreduce == mpi.calls["Allgather"]
+
+
+def test_reductions_inside_fun_are_not_the_solvers(comm):
+    problem = make_problem("logistic", n=31)  # its callback reduces the margins itself
+    fun, x0 = problem.distributed(comm)
+    res = hpcqn.minimize(fun, x0, comm=comm)
     assert res.nallreduce == 1 + (res.nfev - 1) + res.nit
-    assert c.calls("allreduce") == res.nallreduce  # nothing else reduced
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bad", ["unknown option", "option value", "dtype", "disp",
+                                 "fun_global"])
+def test_bad_input_on_one_rank_only(comm, bad):
+    """Only the last rank passes the bad input: every rank raises, none waits."""
+    if comm.size == 1:
+        pytest.skip("needs a rank with good input")
+    problem = make_problem("extended_rosenbrock", n=100)
+    fun, x0 = problem.distributed(comm)
+    options = {}
+    if comm.rank == comm.size - 1:
+        if bad == "unknown option":
+            options = {"maxcor": 5}
+        elif bad == "option value":
+            options = {"gtol": -1.0}
+        elif bad == "dtype":
+            x0 = x0.astype(np.int64)
+        elif bad == "disp":
+            options = {"disp": "1"}
+        else:
+            options = {"fun_global": True}
+    with pytest.raises((ValueError, TypeError, hpcqn.RemoteRankError)):
+        hpcqn.minimize(fun, x0, comm=comm, options=options)
+
+
+def test_fun_global_with_a_non_finite_trial(comm):
+    """f = inf beyond |x| > 3 on every rank: the step shrinks, no false disagreement."""
+    def fun(x):
+        if comm.allreduce(np.array([np.abs(x).max(initial=0.0)]), op="max")[0] > 3.0:
+            return np.inf, np.full_like(x, np.inf)
+        return comm.allreduce(np.array([float((x - 2.5) @ (x - 2.5))]))[0], 2 * (x - 2.5)
+
+    res = hpcqn.minimize(fun, np.zeros(3 + comm.rank), comm=comm,
+                         options={"fun_global": True, "gtol": 1e-8})
+    assert res.success
+    np.testing.assert_allclose(res.x, 2.5, atol=1e-7)
+
+
+def test_distributed_pieces_add_up_to_the_whole(comm):
+    for name, n in [("broyden_tridiagonal", 50), ("logistic", 31), ("extended_wood", 40),
+                    ("quadratic", 50)]:
+        problem = make_problem(name, n=n)
+        fun, x0 = problem.distributed(comm)
+        x_full = problem.x0() + np.linspace(0.0, 0.3, n)
+        part = problem.layout(comm.size).local_slice(comm.rank)
+        f_part, g_part = fun(x_full[part])
+        f_ref, g_ref = problem.value_and_grad(x_full)
+        assert comm.allreduce(np.array([f_part]))[0] == pytest.approx(f_ref, rel=1e-12)
+        np.testing.assert_allclose(hpcqn.gather_global(g_part, comm), g_ref, rtol=1e-12)
 
 
 def test_global_f_option(comm):

@@ -64,6 +64,12 @@ class LBFGSOptions:
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ValueError(f"option {name!r} must be a positive integer, got {value!r}")
+        if isinstance(self.disp, bool) or not isinstance(self.disp, int) or self.disp < 0:
+            raise ValueError(f"option 'disp' must be an integer >= 0, got {self.disp!r}")
+        for name in ("fun_global", "gather_x"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"option {name!r} must be True or False, "
+                                 f"got {getattr(self, name)!r}")
         if self.linesearch not in ("strong-wolfe", "armijo"):
             raise ValueError(
                 f"option 'linesearch' must be 'strong-wolfe' or 'armijo', got {self.linesearch!r}"
@@ -94,27 +100,28 @@ class FunctionError(ValueError):
 
 
 class LBFGS:
-    """The solver. ``fun(x_local) -> (f_part, g_local)``; see :class:`LBFGSOptions`."""
+    """The solver. ``fun(x_local) -> (f_part, g_local)``; see :class:`LBFGSOptions`.
+    ``callback(x, f, g, nit)`` runs on every rank after each iteration."""
 
     def __init__(
         self,
         fun: Callable[[Any], tuple[Any, Any]],
         comm: Communicator,
         options: LBFGSOptions,
-        callback: Callable[[Any], Any] | None = None,
-        make_intermediate: Callable[[Any, float, Any, int], Any] | None = None,
+        callback: Callable[[Any, float, Any, int], Any] | None = None,
     ):
         self.fun = fun
         self.comm = comm
         self.opt = options
         self.callback = callback
-        self.make_intermediate = make_intermediate
         self.nfev = 0
+        self.nreductions = 0  # the solver's own (not those fun makes itself)
 
     # -- evaluation ----------------------------------------------------------------
-    def _call_fun(self, x: Any) -> tuple[float, Any]:
+    def _call_fun(self, x: Any, out: Any) -> float:
+        """``fun(x)``: returns ``f`` and copies ``g`` into ``out``, a buffer the solver
+        owns (a callback may hand back the same array every time)."""
         f, g = self.fun(x)
-        xp = namespace(x)
         if getattr(g, "shape", None) != x.shape:
             raise FunctionError(
                 f"fun returned a gradient of shape {getattr(g, 'shape', type(g).__name__)} "
@@ -124,79 +131,103 @@ class LBFGS:
             f = float(f)
         except (TypeError, ValueError) as exc:
             raise FunctionError(f"fun must return a real number as f, got {f!r}") from exc
-        return f, xp.asarray(g, dtype=x.dtype)
+        out[...] = g
+        return f
 
-    def evaluate(
-        self, x: Any, d: Any = None, with_gg: bool = False, agree: tuple[float, ...] = ()
-    ) -> tuple[float, Any, float, float, float]:
-        """``fun`` at ``x`` on every rank and ONE reduction. Returns the global ``f``,
-        the local ``g``, the global max-norm of ``g``, ``g.d`` (0 without ``d``) and
-        ``g.g`` (0 unless ``with_gg``). An error in ``fun`` on any rank raises on all.
-        ``agree`` are numbers that must be equal on every rank (options), checked in
-        the same reduction."""
-        self.nfev += 1
-        f, ginf, gd, gg, error = math.nan, math.nan, 0.0, 0.0, None
-        g: Any = None
-        try:
-            f, g = self._call_fun(x)
-            if g.size:
-                ginf = float(abs(g).max())  # NaN when g holds a NaN
-                gd = float(g @ d) if d is not None else 0.0
-                gg = float(g @ g) if with_gg else 0.0
-            else:
-                ginf = 0.0
-        except Exception as exc:  # reported to every rank by the reduction below
-            error = exc
-        # The max of v and of -v over ranks: equal magnitudes mean v agrees everywhere.
-        checked = [f] if self.opt.fun_global else []
-        checked += list(agree)
-        maxes = [ginf, *checked, *(-v for v in checked)]
-        sums = [gd, gg] if self.opt.fun_global else [f, gd, gg]
-        total, top = self.comm.allreduce_scalars(sums, maxes, error)
-        k = len(checked)
-        high, low = top[1 : 1 + k], -top[1 + k :]
-        differ = [i for i in range(k) if high[i] != low[i]]
-        if differ:
-            if self.opt.fun_global and differ[0] == 0:
-                raise FunctionError(
-                    f"option fun_global is set but fun returned different values on "
-                    f"different ranks (from {low[0]!r} to {high[0]!r})"
-                )
+    def _reduce(
+        self,
+        sums: list[float],
+        maxes: list[float],
+        error: BaseException | None,
+        fingerprint: tuple[float, float] = (0.0, 0.0),
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The solver's one reduction. Its layout never depends on the options, so ranks
+        that disagree on options (or failed to parse them) still meet in it.
+        ``maxes`` are [max|g|, f not finite, f]; the fingerprint of the options and of
+        ``f`` (with ``fun_global``) is checked for equality across ranks here."""
+        self.nreductions += 1
+        checked = [maxes[2], *fingerprint]
+        total, top = self.comm.allreduce_scalars(
+            sums, [maxes[0], maxes[1], *checked, *(-v for v in checked)], error
+        )
+        high, low = top[2:5], -top[5:8]
+        if high[1] != low[1] or high[2] != low[2]:
             raise ValueError(
                 "minimize was called with different options or x0 dtypes on different "
                 "ranks; every rank must pass the same ones"
             )
-        if self.opt.fun_global:
-            return float(high[0]), g, float(top[0]), float(total[0]), float(total[1])
-        return float(total[0]), g, float(top[0]), float(total[1]), float(total[2])
+        if top[1] == 0 and high[0] != low[0]:  # only compared when every f is finite
+            raise FunctionError(
+                f"option fun_global is set but fun returned different values on "
+                f"different ranks (from {low[0]!r} to {high[0]!r})"
+            )
+        return total, top[:3]
 
-    def _fingerprint(self, x0: Any) -> tuple[float, ...]:
-        """Numbers every rank must agree on: the options and the dtype."""
-        opt = self.opt
-        values = [getattr(opt, f.name) for f in dataclasses.fields(opt) if f.name != "disp"]
-        numbers = [
-            float(v) if isinstance(v, (int, float)) else float(zlib.crc32(str(v).encode()))
-            for v in values
-        ]
-        return (*numbers, float(x0.dtype.itemsize))
+    def fail_setup(self, error: BaseException) -> None:
+        """This rank could not start (bad options or x0): meet the other ranks in the
+        first reduction, so that every rank raises instead of waiting."""
+        self._reduce([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], error)
+
+    def evaluate(
+        self,
+        x: Any,
+        g_out: Any,
+        d: Any = None,
+        with_gg: bool = False,
+        fingerprint: tuple[float, float] = (0.0, 0.0),
+    ) -> tuple[float, float, float, float]:
+        """``fun`` at ``x`` on every rank (``g`` into ``g_out``) and ONE reduction.
+        Returns the global ``f``, the global max-norm of ``g`` (NaN when any part of ``f``
+        or ``g`` is not finite), ``g.d`` and ``g.g`` (0 unless asked for). An error in
+        ``fun`` on any rank raises on all."""
+        self.nfev += 1
+        f, ginf, gd, gg, error = math.nan, math.nan, 0.0, 0.0, None
+        try:
+            f = self._call_fun(x, g_out)
+            ginf = float(abs(g_out).max()) if g_out.size else 0.0  # NaN if g has a NaN
+            if g_out.size:
+                gd = float(g_out @ d) if d is not None else 0.0
+                gg = float(g_out @ g_out) if with_gg else 0.0
+        except Exception as exc:  # reported to every rank by the reduction below
+            error = exc
+        finite = math.isfinite(f)
+        global_f = self.opt.fun_global
+        total, top = self._reduce(
+            [0.0 if global_f else f, gd, gg],
+            [ginf, 0.0 if finite else 1.0, f if global_f and finite else 0.0],
+            error, fingerprint,
+        )
+        f_total = float(top[2]) if global_f else float(total[0])
+        if top[1]:
+            f_total = math.nan
+        return f_total, float(top[0]), float(total[1]), float(total[2])
+
+    def fingerprint(self, x0: Any) -> tuple[float, float]:
+        """Two numbers every rank must agree on: a checksum of the options (all but
+        ``disp``, which only rank 0 uses) and the dtype's size."""
+        values = {f.name: getattr(self.opt, f.name) for f in dataclasses.fields(self.opt)}
+        values.pop("disp")
+        return float(zlib.crc32(repr(sorted(values.items())).encode())), float(x0.dtype.itemsize)
 
     # -- the iteration -------------------------------------------------------------
     def run(self, x0: Any) -> LBFGSOutcome:
-        opt, comm = self.opt, self.comm
+        opt = self.opt
         xp = namespace(x0)
         start = time.perf_counter()
         n_local = x0.shape[0]
         x = xp.array(x0, copy=True)
+        g = xp.empty_like(x)
         history = GramHistory(n_local, int(opt.history), xp, x.dtype)
         eps = float(np.finfo(np.float64).eps)
 
-        f, g, ginf, _, gg = self.evaluate(x, with_gg=True, agree=self._fingerprint(x))
+        f, ginf, _, gg = self.evaluate(x, g, with_gg=True, fingerprint=self.fingerprint(x))
         if not (math.isfinite(f) and math.isfinite(ginf)):
             raise FunctionError(f"fun returned a non-finite value at x0 (f = {f}, max|g| = {ginf})")
         history.set_gradient_norm2(gg)
         g0norm = math.sqrt(gg)
         direction = xp.empty_like(x)
         x_trial = xp.empty_like(x)
+        g_trial = xp.empty_like(x)
         nit = nreset = nskipped = failures = 0
         trace = [(0, f, ginf)]
         status, message = self._converged(f, None, ginf, gg, g0norm, nit)
@@ -227,7 +258,7 @@ class LBFGS:
                 ntrials += 1
                 xp.multiply(direction, search.stp, out=x_trial)
                 x_trial += x
-                f_t, g_t, ginf_t, gd_t, _ = self.evaluate(x_trial, direction)
+                f_t, ginf_t, gd_t, _ = self.evaluate(x_trial, g_trial, direction)
                 if not (math.isfinite(f_t) and math.isfinite(ginf_t)):
                     search.shrink()
                     continue
@@ -248,12 +279,14 @@ class LBFGS:
             slot = history.free_slot()
             s_row, y_row = history.pair_rows(slot)
             xp.multiply(direction, search.stp, out=s_row)
-            xp.subtract(g_t, g, out=y_row)
+            xp.subtract(g_trial, g, out=y_row)
             x, x_trial = x_trial, x
-            f_prev, f, g, ginf = f, f_t, g_t, ginf_t
+            g, g_trial = g_trial, g
+            f_prev, f, ginf = f, f_t, ginf_t
             nit += 1
             stop_error = self._run_callback(x, f, g, nit)
-            products, flags = comm.allreduce_scalars(
+            self.nreductions += 1
+            products, flags = self.comm.allreduce_scalars(
                 history.local_products(slot, g), [float(stop_error is StopIteration)],
                 None if stop_error is StopIteration else stop_error,
             )
@@ -277,7 +310,7 @@ class LBFGS:
         if self.callback is None:
             return None
         try:
-            self.callback(self.make_intermediate(x, f, g, nit) if self.make_intermediate else x)
+            self.callback(x, f, g, nit)
         except StopIteration:
             return StopIteration
         except Exception as exc:
