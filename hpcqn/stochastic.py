@@ -104,26 +104,33 @@ def minimize_stochastic(
     ``loss_history`` (per step), ``epoch_losses``, ``nit``, ``nepochs``,
     ``skipped_steps`` (non-finite gradients), ``seconds``, ``status``/``message``.
     """
-    check_float_array(x0, "x0")
     c = get_comm(comm)
-    opts = dict(options or {})
-    epochs = int(opts.pop("epochs", 1))
-    disp = bool(opts.pop("disp", True))
-    schedule = opts.pop("lr_schedule", "constant")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"option 'lr_schedule' must be one of {SCHEDULES}, got {schedule!r}")
-    layout = _layout(x0.shape[0], opts, c.size)
-    opts.pop("blocks", None)
-    opts.pop("block_size", None)
-    if epochs < 1:
-        raise ValueError(f"option 'epochs' must be >= 1, got {epochs}")
-    optimizer = make_optimizer(method, layout, c, opts)
-    base_lr = optimizer.lr
-    if schedule == "cosine" and callable(base_lr):
-        raise ValueError("lr_schedule='cosine' needs a number as lr, not a callable")
-    x = namespace(x0).array(x0, copy=True)
-    checksum = [float(x.sum()), float((x * x).sum())]
-    _, top = c.allreduce_scalars([], checksum + [-v for v in checksum])
+    setup_error: BaseException | None = None
+    checksum = [0.0, 0.0]
+    try:
+        check_float_array(x0, "x0")
+        opts = dict(options or {})
+        epochs = int(opts.pop("epochs", 1))
+        disp = bool(opts.pop("disp", True))
+        schedule = opts.pop("lr_schedule", "constant")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"option 'lr_schedule' must be one of {SCHEDULES}, got {schedule!r}")
+        if epochs < 1:
+            raise ValueError(f"option 'epochs' must be >= 1, got {epochs}")
+        layout = _layout(x0.shape[0], opts, c.size)
+        opts.pop("blocks", None)
+        opts.pop("block_size", None)
+        optimizer = make_optimizer(method, layout, c, opts)
+        base_lr = optimizer.lr
+        if schedule == "cosine" and callable(base_lr):
+            raise ValueError("lr_schedule='cosine' needs a number as lr, not a callable")
+        x = namespace(x0).array(x0, copy=True)
+        checksum = [float(x.sum()), float((x * x).sum())]
+    except (TypeError, ValueError) as exc:
+        setup_error = exc
+    # One reduction before the first step: bad input on any rank raises on every rank,
+    # and x0 must be the same everywhere.
+    _, top = c.allreduce_scalars([], checksum + [-v for v in checksum], setup_error)
     if any(top[i] != -top[2 + i] for i in range(2)):
         raise ValueError("x0 differs between ranks; every rank must start from the same x0")
 

@@ -155,3 +155,20 @@ def test_state_dict_round_trip_continues_exactly(comm):
     for _ in range(4):
         second.step(x_saved, quadratic_gradient(x_saved))
     np.testing.assert_array_equal(x_saved, x)
+
+
+@pytest.mark.timeout(60)
+def test_bad_options_on_one_rank_raise_everywhere(comm, problem):
+    if comm.size == 1:
+        pytest.skip("needs a rank with good options")
+    options = {"blocks": SIZES, "disp": False}
+    if comm.rank == comm.size - 1:
+        options["history"] = 0
+    with pytest.raises((ValueError, hpcqn.RemoteRankError), match="history"):
+        minimize_stochastic(problem.batch_loss, problem.x0(),
+                            problem.batches(60, comm.rank, comm.size), comm=comm,
+                            options=options)
+    x0 = problem.x0() + (1.0 if comm.rank == 0 else 0.0)
+    with pytest.raises(ValueError, match="x0 differs"):
+        minimize_stochastic(problem.batch_loss, x0, problem.batches(60, comm.rank, comm.size),
+                            comm=comm, options={"blocks": SIZES, "disp": False})
