@@ -10,19 +10,26 @@ Three parts, all measured in one run of this script (one process, one BLAS threa
    momentum 0.9; Adam; mL-BFGS with beta 0.99, period 20, history 10, plain and with
    ``normalize_direction`` and ``direction_momentum=0.9``). The target is a full training
    loss within 0.01 of ``f*``, the L-BFGS-B optimum computed here with SciPy. The full
-   loss is evaluated every 5 steps in the callback (so steps to target are rounded up to a
-   multiple of 5), and the time spent evaluating it is subtracted from the seconds. Per
-   method, the best learning rate (fewest steps to target, ties by final loss) is reported
-   with its ratios to SGD's best; a second table shows every configuration.
+   loss is evaluated every 5 steps in the callback until the target is reached (so steps
+   to target are rounded up to a multiple of 5), and the time spent evaluating it is
+   subtracted from the seconds. Per method, the best learning rate (fewest steps to
+   target, ties by final loss) is reported with its ratios to SGD's best; a second table
+   shows every configuration.
 2. **Step throughput** of mL-BFGS at n = 1e7 float32, history M = 10, ten blocks of 1e6
    on one rank: after a warm-up with ``period=1`` that fills every block's history (random
    gradients from a few fixed vectors plus a small quadratic term), ``period`` is raised
    so that no pair is formed while the steps are timed. One step reads the history twice
    (``[S Y]' g`` and ``[S Y] c``): ``2 * 2M * n * 4`` bytes, divided by the median step
-   time and compared with a STREAM-style triad (NumPy, float32 and float64, best of 5).
+   time and compared with a STREAM-style triad (NumPy, float32; float64 for reference).
+   The two history products are also timed alone, and one step that forms a pair.
 3. **mL-BFGS step time over SGD step time** (momentum 0.9, same layout, same gradients).
 
-Run from the repository root (well under a minute on two cores with the defaults)::
+The timed steps of parts 2 and 3 are interleaved (one mL-BFGS step, one SGD step, the
+history products alone, a float32 triad best of 5; ``--steps`` rounds, medians reported):
+on a shared machine the memory bandwidth can drop by half for seconds at a time, and
+interleaving keeps every ratio within one set of conditions.
+
+Run from the repository root (about 25 seconds on two cores with the defaults)::
 
     python benchmarks/bench_mlbfgs.py
     python benchmarks/bench_mlbfgs.py --quick --json /tmp/bench_mlbfgs.json
@@ -46,6 +53,7 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -122,7 +130,7 @@ class StepTiming:
     sgd_step_seconds: float  # median
     history_bytes: int  # 2 passes * 2M * n * 4
     history_bandwidth: float  # history_bytes / mlbfgs_step_seconds
-    triad32: float  # bytes/s
+    triad32: float  # bytes/s: median over the rounds of each round's best of 5
     triad64: float  # bytes/s
     fraction_of_triad32: float
     step_ratio_vs_sgd: float
@@ -192,16 +200,22 @@ def best_of(configs: list[Config]) -> Config:
 
 
 # -- parts 2 and 3 -----------------------------------------------------------------------
-def triad_bandwidth(dtype: Any) -> float:
+_TRIAD_ARRAYS: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def triad_bandwidth(dtype: Any, repeats: int = TRIAD_REPEATS) -> float:
     """Bytes per second of ``a = b + s*c`` on TRIAD_N entries of ``dtype``, best of
-    TRIAD_REPEATS, counted as STREAM does (3 arrays). NumPy makes two passes, so this is
+    ``repeats``, counted as STREAM does (3 arrays). NumPy makes two passes, so this is
     below what a fused STREAM triad would report."""
-    rng = np.random.default_rng(0)
-    b, c = rng.random(TRIAD_N).astype(dtype), rng.random(TRIAD_N).astype(dtype)
-    a = np.empty_like(b)
+    name = np.dtype(dtype).name
+    if name not in _TRIAD_ARRAYS:
+        rng = np.random.default_rng(0)
+        b, c = rng.random(TRIAD_N).astype(dtype), rng.random(TRIAD_N).astype(dtype)
+        _TRIAD_ARRAYS[name] = (np.empty_like(b), b, c)
+    a, b, c = _TRIAD_ARRAYS[name]
     scalar = np.dtype(dtype).type(3.0)
     best = float("inf")
-    for _ in range(TRIAD_REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         np.multiply(c, scalar, out=a)
         a += b
@@ -216,81 +230,89 @@ def gradient(x: np.ndarray, noise: list[np.ndarray], k: int, out: np.ndarray) ->
     return out
 
 
-def timed_steps(opt: BlockOptimizer, x: np.ndarray, noise: list[np.ndarray], steps: int,
-                first: int) -> list[float]:
-    """Seconds of each of ``steps`` calls of ``opt.step`` (the gradient is made outside)."""
-    g = np.empty_like(x)
-    seconds = []
-    for k in range(first, first + steps):
-        gradient(x, noise, k, g)
-        start = time.perf_counter()
-        if not opt.step(x, g):
-            raise RuntimeError("a benchmark step was skipped (non-finite gradient)")
-        seconds.append(time.perf_counter() - start)
-    return seconds
+def timed_step(opt: BlockOptimizer, x: np.ndarray, noise: list[np.ndarray], k: int,
+               g: np.ndarray) -> float:
+    """Seconds of one ``opt.step`` on the ``k``-th gradient (made outside the timing)."""
+    gradient(x, noise, k, g)
+    start = time.perf_counter()
+    if not opt.step(x, g):
+        raise RuntimeError("a benchmark step was skipped (non-finite gradient)")
+    return time.perf_counter() - start
 
 
-def history_gemv_seconds(opt: MLBFGS, g: np.ndarray, repeats: int) -> float:
-    """The two history products of one step alone (``V @ g_b`` and ``c @ V`` for every
-    block, V the block's (2M, n_b) history array), median of ``repeats``: a floor under
-    the step time."""
+def history_products(opt: MLBFGS, g: np.ndarray) -> Callable[[], float]:
+    """A timer of the two history products of one step alone (``V @ g_b`` and
+    ``c @ V`` for every block, ``V`` the block's (2M, n_b) history array): a floor
+    under the step time."""
     blocks = []
     for b, state in opt.block_state.items():
         vectors = state["history"].vectors
         blocks.append((vectors, g[opt.param_slice[b]], np.empty(vectors.shape[1], g.dtype)))
     coeffs = np.full(2 * opt.history, 1e-3, dtype=g.dtype)
-    seconds = []
-    for _ in range(repeats):
+
+    def run() -> float:
         start = time.perf_counter()
         for vectors, gb, out in blocks:
             _ = vectors @ gb
             np.matmul(coeffs, vectors, out=out)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+        return time.perf_counter() - start
+
+    return run
 
 
 def step_timing(n: int, steps: int) -> StepTiming:
+    """Fill mL-BFGS's histories, then time ``steps`` rounds of: one mL-BFGS step, one
+    SGD step, the history products alone and a float32 triad (best of TRIAD_REPEATS
+    passes: the first pass after a step runs about 20% slower), interleaved so that all
+    are measured under the same machine conditions."""
     layout = BlockLayout.chunks(n, n // BLOCKS, 1)
     rng = np.random.default_rng(1)
     noise = [rng.standard_normal(n, dtype=np.float32) for _ in range(NOISE_VECTORS)]
     x = np.zeros(n, dtype=np.float32)
+    g = np.empty_like(x)
     opt = MLBFGS(layout, hpcqn.serial_comm(), lr=STEP_LR, history=HISTORY, period=1,
                  beta=0.9)
-    g = np.empty_like(x)
     warmup = 0
     while min((len(s["history"]) for s in opt.block_state.values()), default=0) < HISTORY:
         if warmup >= 5 * HISTORY:
             raise RuntimeError(f"histories not full after {warmup} steps: "
                                f"{opt.statistics()}")
-        opt.step(x, gradient(x, noise, warmup, g))
+        timed_step(opt, x, noise, warmup, g)
         warmup += 1
     stats = opt.statistics()
     if stats["npairs"] <= 0:
         raise RuntimeError(f"no curvature pair was accepted: {stats}")
     opt.period = 10**9  # no pair formed while timing
-    mlbfgs_seconds = timed_steps(opt, x, noise, steps, warmup)
-    gemv = history_gemv_seconds(opt, g, steps)
-    opt.period = 1  # a few steps that each form a pair (history full: oldest dropped)
-    pair_seconds = timed_steps(opt, x, noise, 3, warmup + steps)
-    if not np.isfinite(x).all():
-        raise RuntimeError("mL-BFGS iterate is not finite in the throughput benchmark")
 
     sgd_x = np.zeros(n, dtype=np.float32)
     sgd = SGD(layout, hpcqn.serial_comm(), lr=STEP_LR, momentum=0.9)
-    timed_steps(sgd, sgd_x, noise, 1, 0)  # first step: allocates the velocity
-    sgd_seconds = timed_steps(sgd, sgd_x, noise, steps, 1)
+    timed_step(sgd, sgd_x, noise, 0, g)  # first step: allocates the velocity
+    products = history_products(opt, g)
+    triad_bandwidth(np.float32, repeats=1)  # allocate and touch the triad arrays
+
+    mlbfgs_seconds, sgd_seconds, gemv_seconds, triad32 = [], [], [], []
+    for k in range(steps):
+        mlbfgs_seconds.append(timed_step(opt, x, noise, warmup + k, g))
+        sgd_seconds.append(timed_step(sgd, sgd_x, noise, 1 + k, g))
+        gemv_seconds.append(products())
+        triad32.append(triad_bandwidth(np.float32))
+    triad64 = triad_bandwidth(np.float64)
+    opt.period = 1  # a few steps that each form a pair (history full: oldest dropped)
+    pair_seconds = [timed_step(opt, x, noise, warmup + steps + k, g) for k in range(3)]
+    if not (np.isfinite(x).all() and np.isfinite(sgd_x).all()):
+        raise RuntimeError("an iterate is not finite in the throughput benchmark")
 
     step = statistics.median(mlbfgs_seconds)
     sgd_step = statistics.median(sgd_seconds)
     history_bytes = 2 * 2 * HISTORY * n * 4
-    triad32, triad64 = triad_bandwidth(np.float32), triad_bandwidth(np.float64)
+    best32 = statistics.median(triad32)
     return StepTiming(
         n=n, blocks=layout.nblocks, history=HISTORY, warmup_steps=warmup,
         npairs=stats["npairs"], skipped_pairs=stats["skipped_pairs"], timed_steps=steps,
         mlbfgs_step_seconds=step, mlbfgs_pair_step_seconds=statistics.median(pair_seconds),
-        history_gemv_seconds=gemv, sgd_step_seconds=sgd_step, history_bytes=history_bytes,
-        history_bandwidth=history_bytes / step, triad32=triad32, triad64=triad64,
-        fraction_of_triad32=history_bytes / step / triad32,
+        history_gemv_seconds=statistics.median(gemv_seconds), sgd_step_seconds=sgd_step,
+        history_bytes=history_bytes, history_bandwidth=history_bytes / step,
+        triad32=best32, triad64=triad64, fraction_of_triad32=history_bytes / step / best32,
         step_ratio_vs_sgd=step / sgd_step,
     )
 
@@ -365,8 +387,11 @@ def print_steps(t: StepTiming) -> None:
           f"| history read per step (2 passes x 2M x n x 4 B) "
           f"| {t.history_bytes / 1e9:.2f} GB |\n"
           f"| achieved history bandwidth | {t.history_bandwidth / 1e9:.2f} GB/s |\n"
-          f"| triad float32 / float64 (NumPy, {TRIAD_N:.0e}, best of {TRIAD_REPEATS}) "
-          f"| {t.triad32 / 1e9:.2f} / {t.triad64 / 1e9:.2f} GB/s |\n"
+          f"| triad float32 (NumPy, {TRIAD_N:.0e}; best of {TRIAD_REPEATS} after each timed "
+          f"step, median of {t.timed_steps}) "
+          f"| {t.triad32 / 1e9:.2f} GB/s |\n"
+          f"| triad float64 (NumPy, {TRIAD_N:.0e}, best of {TRIAD_REPEATS}, after the steps) "
+          f"| {t.triad64 / 1e9:.2f} GB/s |\n"
           f"| **history bandwidth / float32 triad** (goal > 50%) "
           f"| **{t.fraction_of_triad32:.0%}** |\n"
           f"| the two history products alone (all blocks, median) "
@@ -379,7 +404,8 @@ def print_steps(t: StepTiming) -> None:
 
 def print_ratio(t: StepTiming) -> None:
     amortised = (19 * t.mlbfgs_step_seconds + t.mlbfgs_pair_step_seconds) / 20
-    print(f"| optimizer | step (median of {t.timed_steps}) | / SGD |\n|---|---:|---:|\n"
+    print(f"| optimizer | step (median of {t.timed_steps}, interleaved) | / SGD |\n"
+          f"|---|---:|---:|\n"
           f"| SGD (momentum 0.9) | {t.sgd_step_seconds * 1e3:.1f} ms | 1.00 |\n"
           f"| mL-BFGS (M {t.history}, no pair formed) | {t.mlbfgs_step_seconds * 1e3:.1f} ms "
           f"| {t.step_ratio_vs_sgd:.2f} |\n"
