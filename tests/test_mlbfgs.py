@@ -226,3 +226,21 @@ def test_block_layout_greedy_owners_and_rank_major_order():
     assert BlockLayout.chunks(10, 4, 2).sizes == (4, 4, 2)
     with pytest.raises(ValueError, match="positive"):
         BlockLayout.from_sizes([3, 0], 1)
+
+
+def test_non_finite_pair_is_skipped_and_counted():
+    """A pair whose products overflow is skipped: counted, history and step intact."""
+    layout = BlockLayout.chunks(4, 4, 1)
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=1e-3, period=2, beta=0.0, damping=0.0)
+    x = np.ones(4)
+    for _ in range(3):  # steps 0-2: one pair (at step 2)
+        opt.step(x, 2.0 * x)
+    state = opt.block_state[0]
+    assert state["npairs"] == 1
+    stored = state["history"].state_dict()
+    opt.step(x, np.full(4, 1e200))  # step 3: a huge (finite) gradient moves x by ~1e197
+    opt.step(x, 2.0 * x)  # step 4 forms a pair whose s.s overflows: mu is not finite
+    assert state["npairs"] == 1 and state["skipped_pairs"] == 1
+    for key, value in state["history"].state_dict().items():
+        np.testing.assert_array_equal(value, stored[key])
+    assert opt.statistics() == {"npairs": 1, "skipped_pairs": 1, "skipped_steps": 0}

@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from ..backend import namespace
 from ..curvature.block_history import BlockHistory
 from ..curvature.damping import SIGMA_H, SIGMA_L, damping_tau
@@ -112,11 +114,12 @@ class MLBFGS(BlockOptimizer):
             newest = history.order[-1]
             s = (1.0 - c) * s + c * history.vectors[newest]
             y = (1.0 - c) * y + c * history.vectors[history.history + newest]
-        ss, sy = float(s @ s), float(s @ y)
-        tau = damping_tau(sy / ss if ss > 0 else math.nan, self.damping, self.sigma_l,
-                          self.sigma_h)
-        y_hat = tau * y + (1.0 - tau) * s
-        s_yhat = float(s @ y_hat)
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite pairs are skipped
+            ss, sy = float(s @ s), float(s @ y)
+            mu = sy / ss if ss > 0 and math.isfinite(ss) else math.nan
+            tau = damping_tau(mu, self.damping, self.sigma_l, self.sigma_h)
+            y_hat = tau * y + (1.0 - tau) * s
+            s_yhat = float(s @ y_hat)
         if math.isfinite(s_yhat) and s_yhat > 0.0 and ss > 0.0:
             history.push(s, y_hat)
             state["npairs"] += 1
