@@ -209,6 +209,25 @@ class Communicator:
         self.mpi_comm.Allgatherv(send, [recv, counts, displs, None])
         return self._like(recv, a)
 
+    def allgatherv_inplace(self, a: Any, counts: Sequence[int]) -> Any:
+        """Every rank's segment of ``a`` (rank order, lengths ``counts``) to everyone, in
+        place: this rank's own segment must already hold its values (MPI_IN_PLACE)."""
+        counts = [int(c) for c in counts]
+        if len(counts) != self.size or sum(counts) != a.shape[0]:
+            raise ValueError(
+                f"allgatherv_inplace counts {counts} do not split a vector of "
+                f"{a.shape[0]} over {self.size} ranks"
+            )
+        self._count("allgatherv", counts[self.rank] * a.itemsize, a.nbytes)
+        if not self._parallel:
+            return a
+        buf = self._to_mpi(a)
+        displs = np.concatenate(([0], np.cumsum(counts)[:-1])).tolist()
+        self.mpi_comm.Allgatherv(_mpi().IN_PLACE, [buf, counts, displs, None])
+        if buf is not a:
+            a[...] = self._like(buf, a)
+        return a
+
     def bcast(self, a: Any, root: int = 0) -> Any:
         """``a`` from ``root`` on every rank (same shape and dtype on all ranks)."""
         self._count("bcast", a.nbytes)

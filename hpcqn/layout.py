@@ -136,13 +136,27 @@ class BlockLayout:
     def rank_major_blocks(self) -> list[int]:
         return [b for r in range(self.nranks) for b in self.blocks_of(r)]
 
-    def to_rank_major(self, x: Any, out: Any) -> Any:
-        """Copy ``x`` (parameter order) into ``out`` (rank-major order)."""
+    def segment_start(self, rank: int) -> int:
+        """Where ``rank``'s segment starts in the rank-major order."""
+        return sum(self.counts[:rank])
+
+    def flag_positions(self) -> list[int]:
+        """The flag slots of a rank-major buffer with ``flag_slots``: one after each
+        rank's segment."""
+        counts = self.counts
+        return [sum(counts[: r + 1]) + r for r in range(self.nranks)]
+
+    def to_rank_major(self, x: Any, out: Any, flag_slots: bool = False) -> Any:
+        """Copy ``x`` (parameter order) into ``out`` (rank-major order); with
+        ``flag_slots`` leave one slot free after each rank's segment (``out`` then has
+        ``n + nranks`` entries)."""
         offsets, position = self.offsets, 0
-        for b in self.rank_major_blocks():
-            size = self.sizes[b]
-            out[position : position + size] = x[offsets[b] : offsets[b] + size]
-            position += size
+        for r in range(self.nranks):
+            for b in self.blocks_of(r):
+                size = self.sizes[b]
+                out[position : position + size] = x[offsets[b] : offsets[b] + size]
+                position += size
+            position += 1 if flag_slots else 0
         return out
 
     def from_rank_major(self, buffer: Any, out: Any) -> Any:
@@ -153,3 +167,14 @@ class BlockLayout:
             out[offsets[b] : offsets[b] + size] = buffer[position : position + size]
             position += size
         return out
+
+    def rank_sorted(self) -> tuple[BlockLayout, list[int]]:
+        """The same blocks and owners renumbered so that parameter order IS rank-major
+        order (owners non-decreasing), and for each new block its old id. A caller that
+        lays its storage out this way needs no packing copies."""
+        order = self.rank_major_blocks()
+        return (
+            BlockLayout(tuple(self.sizes[b] for b in order),
+                        tuple(self.owners[b] for b in order), self.nranks),
+            order,
+        )

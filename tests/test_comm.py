@@ -176,3 +176,15 @@ def test_device_buffers_aware_and_staged(comm, aware):
     total = c.allreduce(a)
     np.testing.assert_allclose(np.asarray(total),
                                sum(rank_values(q, 6) for q in range(c.size)))
+
+
+@pytest.mark.mpi
+def test_allgatherv_in_place(comm):
+    counts = uneven_counts(comm.size)
+    layout = SliceLayout(tuple(counts))
+    full = np.zeros(layout.n)
+    full[layout.local_slice(comm.rank)] = rank_values(comm.rank, counts[comm.rank])
+    out = comm.allgatherv_inplace(full, counts)
+    assert out is full
+    expected = np.concatenate([rank_values(r, c) for r, c in enumerate(counts)])
+    np.testing.assert_array_equal(full, expected)

@@ -244,3 +244,12 @@ def test_non_finite_pair_is_skipped_and_counted():
     for key, value in state["history"].state_dict().items():
         np.testing.assert_array_equal(value, stored[key])
     assert opt.statistics() == {"npairs": 1, "skipped_pairs": 1, "skipped_steps": 0}
+
+
+def test_rank_sorted_layout_is_rank_major():
+    layout = BlockLayout.from_sizes([5, 3, 8, 2, 2], 3)
+    sorted_layout, old_ids = layout.rank_sorted()
+    assert list(sorted_layout.owners) == sorted(sorted_layout.owners)
+    assert sorted_layout.rank_major_blocks() == list(range(5))
+    assert [layout.sizes[b] for b in old_ids] == list(sorted_layout.sizes)
+    assert sorted_layout.flag_positions() == [8, 16, 22]

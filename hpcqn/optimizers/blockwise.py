@@ -130,31 +130,40 @@ class BlockOptimizer:
         return self._step_sharded(x, g, finite)
 
     def _step_replicated(self, x: Any, g: Any, finite: bool, xp: Any) -> bool:
-        layout, comm = self.layout, self.comm
-        counts = [c + 1 for c in layout.counts]  # + the flag slot
+        layout = self.layout
         send = self._buffer("send", layout.n + layout.nranks, g)
-        position = 0
-        offsets = layout.offsets
-        for r in range(layout.nranks):
-            for b in layout.blocks_of(r):
-                size = layout.sizes[b]
-                send[position : position + size] = g[offsets[b] : offsets[b] + size]
-                position += size
+        layout.to_rank_major(g, send, flag_slots=True)
+        self.write_flags(send, finite)
+        x_rank_major = layout.to_rank_major(x, self._buffer("x", layout.n, x))
+        took = self.step_rank_major(x_rank_major, send)
+        if took:
+            layout.from_rank_major(x_rank_major, x)
+        return took
+
+    def write_flags(self, send: Any, finite: bool) -> None:
+        """Mark every flag slot of a rank-major gradient buffer with this rank's
+        "gradient not finite" flag."""
+        for position in self.layout.flag_positions():
             send[position] = 0.0 if finite else 1.0
-            position += 1
-        mine = comm.reduce_scatter(send, counts)
+
+    def step_rank_major(self, x: Any, send: Any) -> bool:
+        """The zero-copy step: ``x`` is the whole vector in rank-major order (updated in
+        place) and ``send`` this rank's gradient in rank-major order with one flag slot
+        after each rank's segment (:meth:`BlockLayout.to_rank_major` with
+        ``flag_slots=True``, then :meth:`write_flags`); ``send`` is not modified.
+        Communication: one reduce_scatter of ``send``, one in-place allgatherv of ``x``.
+        """
+        layout, comm = self.layout, self.comm
+        mine = comm.reduce_scatter(send, [c + 1 for c in layout.counts])
         if float(mine[-1]) > 0:
             self.skipped_steps += 1
             return False
         grad = mine[:-1]
         if layout.nranks > 1:
             grad *= 1.0 / layout.nranks
-        own = self._buffer("own", layout.counts[self.rank], x)
-        for b in self.owned:
-            own[self.segment[b]] = x[self.param_slice[b]]
-        self._update_owned(own, grad)
-        gathered = comm.allgatherv(own, list(layout.counts))
-        layout.from_rank_major(gathered, x)
+        start = layout.segment_start(self.rank)
+        self._update_owned(x[start : start + layout.counts[self.rank]], grad)
+        comm.allgatherv_inplace(x, list(layout.counts))
         return True
 
     def _step_sharded(self, x: Any, g: Any, finite: bool) -> bool:
