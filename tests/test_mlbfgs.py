@@ -12,6 +12,8 @@ from hpcqn.curvature.damping import SIGMA_H, SIGMA_L, damping_tau
 from hpcqn.layout import BlockLayout
 from hpcqn.optimizers.mlbfgs import MLBFGS
 
+PLAIN = {"normalize_direction": False, "direction_momentum": 0.0}  # the paper's update
+
 
 def damped(s, y, damping=0.01):
     tau = damping_tau(float(s @ y / (s @ s)), damping)
@@ -113,7 +115,7 @@ def test_momentum_and_pairs_by_hand():
     """Three blocks of 2, period 2, beta 0.5, lr 0.1: the sequence written out."""
     layout = BlockLayout.from_sizes([2, 2, 2], 1)
     opt = MLBFGS(layout, hpcqn.serial_comm(), lr=0.1, history=3, period=2, beta=0.5,
-                 damping=0.0)
+                 damping=0.0, **PLAIN)
     a = np.diag([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     x = np.ones(6)
     thetas, grads = [], []
@@ -146,7 +148,7 @@ def test_momentum_and_pairs_by_hand():
 def test_weight_decay_and_lr_schedule():
     layout = BlockLayout.chunks(4, 2, 1)
     opt = MLBFGS(layout, hpcqn.serial_comm(), lr=lambda t: 0.1 / (t + 1), weight_decay=0.5,
-                 period=100)
+                 period=100, **PLAIN)
     x, g = np.ones(4), np.zeros(4)
     opt.step(x, g)  # d = g + wd x = 0.5; lr(0) = 0.1
     np.testing.assert_allclose(x, 1 - 0.1 * 0.5)
@@ -171,7 +173,7 @@ def test_converges_on_a_deterministic_quadratic():
         start += size
     b = rng.standard_normal(16)
     opt = MLBFGS(BlockLayout.from_sizes(blocks, 1), hpcqn.serial_comm(), lr=1.0, beta=0.0,
-                 period=1, damping=0.0, sigma_l=1e-8, sigma_h=1e8)
+                 period=1, damping=0.0, sigma_l=1e-8, sigma_h=1e8, **PLAIN)
     x = np.zeros(16)
     for _ in range(60):
         opt.step(x, a @ x - b)
@@ -231,7 +233,8 @@ def test_block_layout_greedy_owners_and_rank_major_order():
 def test_non_finite_pair_is_skipped_and_counted():
     """A pair whose products overflow is skipped: counted, history and step intact."""
     layout = BlockLayout.chunks(4, 4, 1)
-    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=1e-3, period=2, beta=0.0, damping=0.0)
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=1e-3, period=2, beta=0.0, damping=0.0,
+                 **PLAIN)
     x = np.ones(4)
     for _ in range(3):  # steps 0-2: one pair (at step 2)
         opt.step(x, 2.0 * x)
@@ -253,3 +256,17 @@ def test_rank_sorted_layout_is_rank_major():
     assert sorted_layout.rank_major_blocks() == list(range(5))
     assert [layout.sizes[b] for b in old_ids] == list(sorted_layout.sizes)
     assert sorted_layout.flag_positions() == [8, 16, 22]
+
+
+def test_normalized_direction_with_heavy_ball():
+    """The defaults: d / ||d|| (global over blocks), then v = 0.9 v + d, x -= lr v."""
+    layout = BlockLayout.chunks(4, 2, 1)
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=0.1, period=100)
+    x = np.ones(4)
+    g1, g2 = np.array([3.0, 0.0, 4.0, 0.0]), np.array([0.0, 1.0, 0.0, 0.0])
+    opt.step(x, g1.copy())  # warm-up: d = g
+    v = g1 / 5.0
+    np.testing.assert_allclose(x, 1 - 0.1 * v)
+    expected = x - 0.1 * (0.9 * v + g2)
+    opt.step(x, g2.copy())
+    np.testing.assert_allclose(x, expected)

@@ -91,7 +91,7 @@ def test_owner_memory_falls_with_rank_count(comm):
 def test_communication_is_one_reduce_scatter_and_one_allgatherv(comm):
     layout = BlockLayout.from_sizes([40, 30, 20, 10], comm.size)
     c = hpcqn.Communicator(comm.mpi_comm) if comm.size > 1 else hpcqn.serial_comm()
-    opt = MLBFGS(layout, c, period=2)
+    opt = MLBFGS(layout, c, period=2, normalize_direction=False)
     x = np.ones(layout.n)
     for step in range(1, 6):
         opt.step(x, quadratic_gradient(x))
@@ -101,6 +101,12 @@ def test_communication_is_one_reduce_scatter_and_one_allgatherv(comm):
     itemsize = 8
     assert c.counters["reduce_scatter"].nbytes == 5 * (layout.n + comm.size) * itemsize
     assert c.counters["allgatherv"].nbytes == 5 * layout.counts[comm.rank] * itemsize
+    # The default normalised direction adds one reduction of one number per step.
+    c.reset_counters()
+    MLBFGS(layout, c).step(x, quadratic_gradient(x))
+    assert {k: v.calls for k, v in c.counters.items()} == {
+        "reduce_scatter": 1, "allreduce": 1, "allgatherv": 1}
+    assert c.counters["allreduce"].nbytes == 2 * itemsize  # error flag + the norm
 
 
 @pytest.mark.parametrize("cls", [MLBFGS, SGD, Adam])

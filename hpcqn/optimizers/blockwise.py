@@ -91,9 +91,11 @@ class BlockOptimizer:
         """A factor applied to every block's direction (1: none)."""
         return 1.0
 
-    def apply(self, block: int, state: State, theta: Any, d: Any, lr: float) -> None:
-        """Move ``theta`` in place along ``d``: ``theta -= lr * d`` by default."""
-        theta -= lr * d
+    def apply(self, block: int, state: State, theta: Any, d: Any, lr: float,
+              scale: float) -> None:
+        """Move ``theta`` in place along ``d`` scaled by :meth:`direction_scale`:
+        ``theta -= lr * scale * d`` by default."""
+        theta -= (lr * scale) * d
 
     # -- the step ------------------------------------------------------------------------
     def current_lr(self) -> float:
@@ -188,7 +190,7 @@ class BlockOptimizer:
             directions[b] = self.direction(b, state, theta, gb)
         scale = self.direction_scale(directions)
         for b in self.owned:
-            self.apply(b, self.block_state[b], own[self.segment[b]], directions[b], lr * scale)
+            self.apply(b, self.block_state[b], own[self.segment[b]], directions[b], lr, scale)
         self.step_count += 1
 
     # -- state ---------------------------------------------------------------------------

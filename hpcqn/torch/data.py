@@ -1,0 +1,91 @@
+"""Data-parallel helpers for torch models over an hpcqn communicator (no
+``torch.distributed`` needed): start every rank from the same model, give every rank its
+part of each global batch, and average gradients for the first-order baselines so they
+are trained like for like with :class:`hpcqn.torch.MLBFGS`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import backend
+from ..comm import get_comm
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for t in list(module.parameters()) + list(module.buffers()) if t.numel()]
+
+
+@torch.no_grad()
+def broadcast_parameters(module: torch.nn.Module, comm: Any = None, root: int = 0) -> None:
+    """Copy ``root``'s parameters and buffers into every rank's ``module`` (one
+    broadcast per tensor)."""
+    c = get_comm(comm)
+    for tensor in _tensors(module):
+        contiguous = tensor.detach().contiguous()
+        received = c.bcast(backend.from_dlpack(contiguous), root=root)
+        tensor.copy_(torch.from_dlpack(received).view_as(tensor))
+
+
+@torch.no_grad()
+def average_gradients(params: Iterable[torch.Tensor], comm: Any = None) -> None:
+    """Average ``.grad`` over ranks in ONE allreduce (all gradients flattened together):
+    call it between ``backward()`` and a torch optimizer's ``step()`` to train it
+    data-parallel. Parameters without a gradient are left alone."""
+    c = get_comm(comm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or c.size == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    total = torch.from_dlpack(c.allreduce(backend.from_dlpack(flat)))
+    total /= c.size
+    position = 0
+    for g in grads:
+        g.copy_(total[position : position + g.numel()].view_as(g))
+        position += g.numel()
+
+
+class GlobalBatches:
+    """Shuffled global batches of ``batch_size`` samples (the last partial one dropped),
+    the same on every rank for a seed and epoch; rank ``r`` takes rows ``r::P`` of each.
+
+    Iterating yields ``(indices, weight)``: ``weight = P * len(indices) / batch_size``
+    scales this rank's MEAN loss so that the average over ranks of the gradients is the
+    gradient of the global batch's mean loss, whatever the split (with equal parts it
+    is 1).
+    """
+
+    def __init__(self, n_samples: int, batch_size: int, comm: Any = None, seed: int = 0,
+                 shuffle: bool = True):
+        c = get_comm(comm)
+        if batch_size < c.size:
+            raise ValueError(f"batch_size {batch_size} is smaller than the rank count {c.size}")
+        if n_samples < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {n_samples} samples")
+        self.n_samples, self.batch_size, self.seed = n_samples, batch_size, seed
+        self.shuffle, self.rank, self.nranks = shuffle, c.rank, c.size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n_samples // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, float]]:
+        if self.shuffle:
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n_samples)
+        else:
+            order = np.arange(self.n_samples)
+        for i in range(len(self)):
+            rows = order[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.nranks]
+            yield rows, self.nranks * rows.size / self.batch_size
+
+
+def shard(n_samples: int, comm: Any = None) -> np.ndarray:
+    """This rank's share of ``range(n_samples)`` for evaluation: rows ``r::P``."""
+    c = get_comm(comm)
+    return np.arange(n_samples)[c.rank :: c.size]

@@ -1,0 +1,133 @@
+"""Training jobs for torch models: scikit-learn's digits with an MLP or a small CNN,
+trained data-parallel with mL-BFGS (:class:`hpcqn.torch.MLBFGS`) or torch's SGD/Adam
+with :func:`average_gradients`, from the same initial model on the same batches."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..comm import Communicator
+from .data import GlobalBatches, average_gradients, broadcast_parameters
+from .optim import MLBFGS
+
+MODELS = ("mlp", "cnn")
+METHODS = ("mlbfgs", "sgd", "adam")
+
+
+def digits(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Digits as tensors: 75/25 train/test split by ``seed``, pixels scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    order = np.random.default_rng(seed).permutation(data.target.size)
+    n_train = int(0.75 * order.size)
+    images = torch.as_tensor(data.images / 16.0, dtype=dtype).unsqueeze(1)  # (N, 1, 8, 8)
+    labels = torch.as_tensor(data.target)
+    train, test = torch.as_tensor(order[:n_train]), torch.as_tensor(order[n_train:])
+    return {"train_x": images[train], "train_y": labels[train],
+            "test_x": images[test], "test_y": labels[test]}
+
+
+def make_model(name: str, hidden: int = 128, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``mlp``: 64 -> hidden -> hidden -> 10 (ReLU); ``cnn``: two 3x3 convolutions (16,
+    32 channels) and a linear classifier."""
+    torch.manual_seed(seed)
+    if name == "mlp":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
+                              nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    elif name == "cnn":
+        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+    else:
+        raise ValueError(f"unknown model {name!r}; known: {MODELS}")
+    return model.to(dtype)
+
+
+def make_optimizer(method: str, model: nn.Module, comm: Communicator,
+                   options: Mapping[str, Any]) -> torch.optim.Optimizer:
+    options = dict(options)
+    if method == "mlbfgs":
+        return MLBFGS(model.parameters(), comm, **options)
+    if method == "sgd":
+        return torch.optim.SGD(model.parameters(), **options)
+    if method == "adam":
+        if "betas" in options:
+            options["betas"] = tuple(options["betas"])
+        return torch.optim.Adam(model.parameters(), **options)
+    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+
+
+def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(mean training loss, test accuracy) over the whole sets."""
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(model(data["train_x"]), data["train_y"])
+        predicted = model(data["test_x"]).argmax(dim=1)
+        accuracy = (predicted == data["test_y"]).double().mean()
+    return float(loss), float(accuracy)
+
+
+def train(
+    method: str,
+    comm: Communicator,
+    model_name: str = "mlp",
+    options: Mapping[str, Any] | None = None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    lr_schedule: str = "constant",
+    metrics_path: Path | None = None,
+    log: bool = True,
+    hidden: int = 128,
+) -> dict[str, Any]:
+    """Train one model with one method; rank 0 prints a line per epoch and writes one
+    JSON line per epoch to ``metrics_path``. Returns the per-epoch records."""
+    data = digits(seed, dtype)
+    model = make_model(model_name, hidden, seed, dtype)
+    broadcast_parameters(model, comm)
+    optimizer = make_optimizer(method, model, comm, options or {})
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+                 if lr_schedule == "cosine" else None)
+    batches = GlobalBatches(data["train_y"].numel(), batch_size, comm, seed=seed)
+    records: list[dict[str, Any]] = []
+    seconds = 0.0
+    if metrics_path is not None and comm.rank == 0:
+        metrics_path.write_text("")
+    for epoch in range(epochs):
+        batches.set_epoch(epoch)
+        started = time.perf_counter()
+        for rows, weight in batches:
+            index = torch.as_tensor(rows)
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(data["train_x"][index]),
+                                               data["train_y"][index]) * weight
+            loss.backward()
+            if method != "mlbfgs":
+                average_gradients(model.parameters(), comm)
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        seconds += time.perf_counter() - started
+        train_loss, accuracy = evaluate(model, data)
+        record = {"method": method, "epoch": epoch + 1, "train_loss": train_loss,
+                  "test_accuracy": accuracy, "seconds": seconds,
+                  "steps": (epoch + 1) * len(batches)}
+        records.append(record)
+        if comm.rank == 0:
+            if log:
+                print(f"{method:7s} epoch {epoch + 1:3d}: train loss {train_loss:.5f}  "
+                      f"test accuracy {accuracy:.4f}  {seconds:7.2f} s", flush=True)
+            if metrics_path is not None:
+                with metrics_path.open("a") as stream:
+                    stream.write(json.dumps(record) + "\n")
+    return {"records": records, "model": model, "optimizer": optimizer}
