@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("info", help="MPI library, rank count, CUDA-awareness, devices")
     run = sub.add_parser("run", help="run a job file (jobs/*.toml) on every rank")
     run.add_argument("job", help="path to a job TOML file")
-    run.add_argument("--output", help="write the summary as JSON here (rank 0)")
+    run.add_argument("--output", help="write the summary as JSON here (rank 0); torch jobs "
+                     "write their per-method metrics files next to it")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()

@@ -53,9 +53,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-JOB_KINDS = ("minimize", "stochastic")
+JOB_KINDS = ("minimize", "stochastic", "torch")
 SECTIONS = {"job": {"kind", "name", "description"}, "problem": None, "options": None,
-            "train": {"epochs", "batch_size", "lr_schedule", "target_gap"}, "methods": None}
+            "train": {"epochs", "batch_size", "lr_schedule", "target_gap", "seed",
+                      "target_accuracy", "dtype"},
+            "model": {"name", "hidden"}, "methods": None}
 
 
 class JobError(ValueError):
@@ -82,7 +84,7 @@ def load_job(path: str | Path) -> dict[str, Any]:
     kind = job.get("kind")
     if kind not in JOB_KINDS:
         raise JobError(f"{path}: [job] kind must be one of {JOB_KINDS}, got {kind!r}")
-    if "name" not in config.get("problem", {}):
+    if kind != "torch" and "name" not in config.get("problem", {}):
         raise JobError(f"{path}: [problem] needs a name")
     job.setdefault("name", path.stem)
     config["job"] = job
@@ -94,13 +96,77 @@ def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None
     with ``output``, writes the summary as JSON. Returns the summary."""
     config = load_job(path)
     c: Communicator = get_comm(comm)
-    if config["job"]["kind"] == "stochastic":
+    kind = config["job"]["kind"]
+    if kind == "torch":
+        summary = _run_torch(path, config, c, output)
+    elif kind == "stochastic":
         summary = _run_stochastic(path, config, c)
     else:
         summary = _run_minimize(path, config, c)
     if c.rank == 0 and output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
+               output: str | Path | None) -> dict[str, Any]:
+    """Train the digits model once per method; per-epoch lines on rank 0 and one metrics
+    file (JSON lines) per method next to ``output`` (default ``runs/<job name>/``)."""
+    try:
+        import torch
+
+        from .torch.train import METHODS, MODELS, train
+    except ImportError as exc:
+        raise JobError(f"{path}: a torch job needs PyTorch: pip install 'hpcqn[torch]'") from exc
+    model = dict(config.get("model", {}))
+    train_options = dict(config.get("train", {}))
+    methods = dict(config.get("methods", {}))
+    name = model.get("name", "mlp")
+    if name not in MODELS:
+        raise JobError(f"{path}: [model] name must be one of {MODELS}, got {name!r}")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise JobError(f"{path}: [methods.NAME] tables must name some of {METHODS}, got "
+                       f"{sorted(methods)}")
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(
+        train_options.get("dtype", "float32"))
+    if dtype is None:
+        raise JobError(f"{path}: [train] dtype must be float32 or float64")
+    torch.set_num_threads(1)
+    run_dir = Path(output).parent if output else Path("runs") / config["job"]["name"]
+    if c.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"hpcqn run: job {config['job']['name']!r}: digits {name} on {c.size} rank(s), "
+              f"batch {train_options.get('batch_size', 64)}; metrics in {run_dir}/", flush=True)
+    target = float(train_options.get("target_accuracy", 0.95))
+    results: dict[str, Any] = {}
+    for method, options in methods.items():
+        try:
+            out = train(method, c, name, options, epochs=int(train_options.get("epochs", 10)),
+                        batch_size=int(train_options.get("batch_size", 64)),
+                        seed=int(train_options.get("seed", 0)), dtype=dtype,
+                        lr_schedule=train_options.get("lr_schedule", "constant"),
+                        metrics_path=run_dir / f"{method}.jsonl",
+                        hidden=int(model.get("hidden", 128)))
+        except (TypeError, ValueError) as exc:
+            raise JobError(f"{path}: method {method!r}: {exc}") from exc
+        records = out["records"]
+        reached = next((r for r in records if r["test_accuracy"] >= target), None)
+        results[method] = {"epochs": records,
+                           "epochs_to_target": reached["epoch"] if reached else None,
+                           "seconds_to_target": reached["seconds"] if reached else None}
+    if c.rank == 0:
+        print(f"hpcqn run: done (target test accuracy {target}):", flush=True)
+        for method, result in results.items():
+            last = result["epochs"][-1]
+            reached = (f"target at epoch {result['epochs_to_target']} "
+                       f"({result['seconds_to_target']:.2f} s)"
+                       if result["epochs_to_target"] else "target not reached")
+            print(f"  {method:7s} train loss {last['train_loss']:.5f}  test accuracy "
+                  f"{last['test_accuracy']:.4f}  {last['seconds']:.2f} s  {reached}", flush=True)
+    return {"job": config["job"]["name"], "model": name, "ranks": c.size, "target": target,
+            "methods": results, "status": 0}
 
 
 def _run_minimize(path: str | Path, config: dict[str, Any], c: Communicator) -> dict[str, Any]:

@@ -76,8 +76,9 @@ def test_shipped_job_files_are_valid():
 
     config = load_job(ROOT / "jobs" / "rosenbrock.toml")
     assert config["problem"]["name"] == "extended_rosenbrock" and config["problem"]["n"] >= 1e5
-    config = load_job(ROOT / "jobs" / "logreg_mlbfgs.toml")
-    assert set(config["methods"]) == {"mlbfgs", "sgd", "adam"}
+    for name in ("logreg_mlbfgs", "digits_mlp", "digits_cnn"):
+        config = load_job(ROOT / "jobs" / f"{name}.toml")
+        assert set(config["methods"]) == {"mlbfgs", "sgd", "adam"}
 
 
 @needs_mpiexec
@@ -141,3 +142,21 @@ def test_fun_failing_on_one_rank_ends_the_job(tmp_path):
     assert out.returncode != 0
     assert "RuntimeError: mesh inverted on rank 1" in out.stderr
     assert "RemoteRankError: rank 1 failed: RuntimeError: mesh inverted on rank 1" in out.stderr
+
+
+@needs_mpiexec
+def test_torch_job_under_mpiexec_writes_metrics(tmp_path):
+    pytest.importorskip("torch")
+    text = (ROOT / "jobs" / "digits_cnn.toml").read_text().replace("epochs = 15", "epochs = 2")
+    job = tmp_path / "short_cnn.toml"
+    job.write_text(text)
+    out = hpcqn("run", str(job), "--output", str(tmp_path / "run" / "summary.json"), ranks=2)
+    assert out.returncode == 0, out.stderr
+    for method in ("mlbfgs", "sgd", "adam"):
+        lines = (tmp_path / "run" / f"{method}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert [r["epoch"] for r in records] == [1, 2]
+        assert records[-1]["test_accuracy"] > 0.5
+        assert out.stdout.count(f"{method:7s} epoch") == 2  # rank 0 only
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and set(summary["methods"]) == {"mlbfgs", "sgd", "adam"}

@@ -172,3 +172,13 @@ def test_layer_blocks():
     sizes = [p.numel() for p in params]
     capped = ht.layer_blocks(params, max_block_size=sizes[0] + sizes[1] + sizes[2] + sizes[3])
     assert capped == [4, 2]
+
+
+def test_digits_mlp_reaches_95_percent_with_mlbfgs():
+    from hpcqn.torch.train import train
+
+    out = train("mlbfgs", hpcqn.serial_comm(), "mlp", {"lr": 0.3}, epochs=15, batch_size=64,
+                lr_schedule="cosine", log=False)
+    records = out["records"]
+    assert records[-1]["test_accuracy"] >= 0.95
+    assert records[-1]["train_loss"] < 0.05 < records[0]["train_loss"]
