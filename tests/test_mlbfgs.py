@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from dense_reference import dense_direct_bfgs, dense_inverse_bfgs
 
 import hpcqn
 from hpcqn.curvature.block_history import BlockHistory
@@ -18,27 +19,6 @@ PLAIN = {"normalize_direction": False, "direction_momentum": 0.0}  # the paper's
 def damped(s, y, damping=0.01):
     tau = damping_tau(float(s @ y / (s @ s)), damping)
     return tau * y + (1 - tau) * s
-
-
-def dense_inverse_bfgs(pairs, n):
-    """H from the BFGS inverse update, H0 = (s.y / y.y) I of the newest pair."""
-    s_new, y_new = pairs[-1]
-    h = (s_new @ y_new) / (y_new @ y_new) * np.eye(n)
-    for s, y in pairs:
-        rho = 1.0 / (s @ y)
-        v = np.eye(n) - rho * np.outer(y, s)
-        h = v.T @ h @ v + rho * np.outer(s, s)
-    return h
-
-
-def dense_direct_bfgs(pairs, n):
-    """B (the Hessian approximation) from the direct BFGS update, B0 = (y.y / s.y) I."""
-    s_new, y_new = pairs[-1]
-    b = (y_new @ y_new) / (s_new @ y_new) * np.eye(n)
-    for s, y in pairs:
-        bs = b @ s
-        b = b - np.outer(bs, bs) / (s @ bs) + np.outer(y, y) / (y @ s)
-    return b
 
 
 # -- damping -----------------------------------------------------------------------------

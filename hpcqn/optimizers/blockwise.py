@@ -128,10 +128,10 @@ class BlockOptimizer:
         xp = namespace(x, g)
         finite = bool(xp.isfinite(g).all())
         if self.mode == "replicated":
-            return self._step_replicated(x, g, finite, xp)
+            return self._step_replicated(x, g, finite)
         return self._step_sharded(x, g, finite)
 
-    def _step_replicated(self, x: Any, g: Any, finite: bool, xp: Any) -> bool:
+    def _step_replicated(self, x: Any, g: Any, finite: bool) -> bool:
         layout = self.layout
         send = self._buffer("send", layout.n + layout.nranks, g)
         layout.to_rank_major(g, send, flag_slots=True)
