@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -45,6 +44,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import scipy.optimize  # noqa: E402
+from common import machine, triad_bandwidth  # noqa: E402
 
 import hpcqn  # noqa: E402
 from hpcqn.problems import make_problem  # noqa: E402
@@ -169,51 +169,11 @@ def summarise(n: int, solver: str, ranks: int, runs: list[Run], reference: Row |
     )
 
 
-def triad_bandwidth() -> float:
-    """Bytes per second of ``a = b + s*c`` on TRIAD_N float64, best of TRIAD_REPEATS,
-    counted as STREAM does (24 bytes per element). NumPy makes two passes (``a = s*c``,
-    then ``a += b``), so this is below what a fused STREAM triad would report."""
-    rng = np.random.default_rng(0)
-    b, c = rng.random(TRIAD_N), rng.random(TRIAD_N)
-    a = np.empty_like(b)
-    best = float("inf")
-    for _ in range(TRIAD_REPEATS):
-        start = time.perf_counter()
-        np.multiply(c, 3.0, out=a)
-        a += b
-        best = min(best, time.perf_counter() - start)
-    return 3 * 8 * TRIAD_N / best
-
-
 def history_bytes_per_iteration(n: int) -> int:
     """A lower bound on hpcqn's memory traffic per iteration: the 2(M+1) float64 history
     rows are read twice (forming the direction, and the new Gram products); the
     objective, the line search and temporaries are not counted."""
     return 2 * 2 * (HISTORY + 1) * 8 * n
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def machine() -> str:
-    from mpi4py import MPI
-
-    mpi_library = " ".join(MPI.Get_library_version().splitlines()[0].split())
-    return (
-        f"{cpu_model()}, {os.cpu_count()} cores | Python {platform.python_version()}, "
-        f"NumPy {np.__version__}, SciPy {scipy.__version__}, hpcqn {hpcqn.__version__}, "
-        f"{mpi_library} | OMP/OPENBLAS/MKL threads "
-        f"{os.environ['OMP_NUM_THREADS']}/{os.environ['OPENBLAS_NUM_THREADS']}/"
-        f"{os.environ['MKL_NUM_THREADS']}"
-    )
 
 
 def print_table(rows: list[Row]) -> None:
@@ -273,7 +233,7 @@ def main() -> None:
         rows.append(reference)
         rows.append(summarise(n, "hpcqn", 1, run_hpcqn_serial(n, args.repeats), reference))
         rows.append(summarise(n, "hpcqn", MPI_RANKS, run_hpcqn_mpi(n, args.repeats), reference))
-    triad = triad_bandwidth()
+    triad = triad_bandwidth(TRIAD_N, np.float64, TRIAD_REPEATS)
     description = machine()
     print(f"## hpcqn.minimize vs SciPy L-BFGS-B: {PROBLEM}, history {HISTORY}, gtol {GTOL}, "
           f"ftol {FTOL}, maxiter {MAXITER}; median of {args.repeats} repeat(s)\n")

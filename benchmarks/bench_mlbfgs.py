@@ -51,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -61,6 +60,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import scipy.optimize  # noqa: E402
+from common import machine, triad_bandwidth  # noqa: E402
 
 import hpcqn  # noqa: E402
 from hpcqn.layout import BlockLayout  # noqa: E402
@@ -203,27 +203,6 @@ def best_of(configs: list[Config]) -> Config:
 
 
 # -- parts 2 and 3 -----------------------------------------------------------------------
-_TRIAD_ARRAYS: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-
-def triad_bandwidth(dtype: Any, repeats: int = TRIAD_REPEATS) -> float:
-    """Bytes per second of ``a = b + s*c`` on TRIAD_N entries of ``dtype``, best of
-    ``repeats``, counted as STREAM does (3 arrays). NumPy makes two passes, so this is
-    below what a fused STREAM triad would report."""
-    name = np.dtype(dtype).name
-    if name not in _TRIAD_ARRAYS:
-        rng = np.random.default_rng(0)
-        b, c = rng.random(TRIAD_N).astype(dtype), rng.random(TRIAD_N).astype(dtype)
-        _TRIAD_ARRAYS[name] = (np.empty_like(b), b, c)
-    a, b, c = _TRIAD_ARRAYS[name]
-    scalar = np.dtype(dtype).type(3.0)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.multiply(c, scalar, out=a)
-        a += b
-        best = min(best, time.perf_counter() - start)
-    return 3 * np.dtype(dtype).itemsize * TRIAD_N / best
 
 
 def gradient(x: np.ndarray, noise: list[np.ndarray], k: int, out: np.ndarray) -> np.ndarray:
@@ -291,15 +270,15 @@ def step_timing(n: int, steps: int) -> StepTiming:
     sgd = SGD(layout, hpcqn.serial_comm(), lr=STEP_LR, momentum=0.9)
     timed_step(sgd, sgd_x, noise, 0, g)  # first step: allocates the velocity
     products = history_products(opt, g)
-    triad_bandwidth(np.float32, repeats=1)  # allocate and touch the triad arrays
+    triad_bandwidth(TRIAD_N, np.float32, 1)  # allocate and touch the triad arrays
 
     mlbfgs_seconds, sgd_seconds, gemv_seconds, triad32 = [], [], [], []
     for k in range(steps):
         mlbfgs_seconds.append(timed_step(opt, x, noise, warmup + k, g))
         sgd_seconds.append(timed_step(sgd, sgd_x, noise, 1 + k, g))
         gemv_seconds.append(products())
-        triad32.append(triad_bandwidth(np.float32))
-    triad64 = triad_bandwidth(np.float64)
+        triad32.append(triad_bandwidth(TRIAD_N, np.float32, TRIAD_REPEATS))
+    triad64 = triad_bandwidth(TRIAD_N, np.float64, TRIAD_REPEATS)
     opt.period = 1  # a few steps that each form a pair (history full: oldest dropped)
     pair_seconds = [timed_step(opt, x, noise, warmup + steps + k, g) for k in range(3)]
     if not (np.isfinite(x).all() and np.isfinite(sgd_x).all()):
@@ -321,33 +300,6 @@ def step_timing(n: int, steps: int) -> StepTiming:
 
 
 # -- output ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def machine() -> str:
-    try:
-        from mpi4py import MPI
-
-        mpi_library = " ".join(MPI.Get_library_version().splitlines()[0].split())
-    except ImportError:
-        mpi_library = "no mpi4py"
-    return (
-        f"{cpu_model()}, {os.cpu_count()} cores | Python {platform.python_version()}, "
-        f"NumPy {np.__version__}, SciPy {scipy.__version__}, hpcqn {hpcqn.__version__}, "
-        f"{mpi_library} | OMP/OPENBLAS/MKL threads "
-        f"{os.environ['OMP_NUM_THREADS']}/{os.environ['OPENBLAS_NUM_THREADS']}/"
-        f"{os.environ['MKL_NUM_THREADS']}"
-    )
-
-
 def _steps(c: Config) -> str:
     return str(c.steps_to_target) if c.steps_to_target is not None else "not reached"
 

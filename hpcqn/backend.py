@@ -94,3 +94,27 @@ def synchronize(a: Any) -> None:
     """Wait for pending device work on ``a``'s stream (no-op for host arrays)."""
     if is_cupy_array(a):
         _cupy().cuda.get_current_stream().synchronize()
+
+
+def axpy(alpha: float, x: Any, y: Any) -> Any:
+    """``y += alpha * x`` in place without a temporary (BLAS ``axpy`` for contiguous
+    NumPy arrays; the namespace's arithmetic otherwise). Returns ``y``."""
+    if (
+        isinstance(y, np.ndarray) and isinstance(x, np.ndarray) and x.dtype == y.dtype
+        and y.dtype in (np.float32, np.float64) and x.flags.c_contiguous
+        and y.flags.c_contiguous and x.shape == y.shape
+    ):
+        if y.size:
+            function = _blas_axpy(y.dtype)
+            result = function(x.ravel(), y.ravel(), a=alpha)
+            if not np.shares_memory(result, y):  # pragma: no cover - BLAS copied
+                y[...] = result.reshape(y.shape)
+        return y
+    y += alpha * x
+    return y
+
+
+def _blas_axpy(dtype: Any) -> Any:
+    from scipy.linalg import blas
+
+    return blas.daxpy if dtype == np.float64 else blas.saxpy

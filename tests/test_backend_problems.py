@@ -93,3 +93,16 @@ def test_known_minimisers():
         make_problem("extended_powell", n=6)
     with pytest.raises(ValueError, match="unknown problem"):
         make_problem("himmelblau", n=2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_axpy_in_place(dtype):
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((2, 50)).astype(dtype)
+    expected = y.astype(np.float64) + 0.3 * x.astype(np.float64)
+    out = backend.axpy(0.3, x, y)
+    assert out is y
+    np.testing.assert_allclose(y, expected, rtol=1e-6 if dtype == np.float32 else 1e-15)
+    strided = np.zeros(100, dtype=dtype)[::2]  # not contiguous: the generic path
+    backend.axpy(2.0, x, strided)
+    np.testing.assert_allclose(strided, 2.0 * x)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from ..backend import to_host
+from ..backend import axpy, to_host
 
 
 class BlockHistory:
@@ -78,8 +78,7 @@ class BlockHistory:
         coeffs[order] = p
         coeffs[[m + i for i in order]] = -gamma * u
         xp.matmul(xp.asarray(coeffs, dtype=self.vectors.dtype), self.vectors, out=out)
-        out += gamma * g
-        return out
+        return axpy(gamma, g, out)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain arrays: the pairs, their products and the slot order (oldest first)."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import namespace
+from ..backend import axpy, namespace
 from ..curvature.block_history import BlockHistory
 from ..curvature.damping import SIGMA_H, SIGMA_L, damping_tau
 from ..layout import BlockLayout
@@ -101,7 +101,7 @@ class MLBFGS(BlockOptimizer):
         for name, value in (("theta_mom", theta), ("grad_mom", g)):
             buf = state[name]
             buf *= beta
-            buf += weight * value
+            axpy(weight, value, buf)
 
     def _form_pair(self, state: State, g: Any) -> None:
         s = state["theta_mom"] - state["theta_prev"]
@@ -152,10 +152,10 @@ class MLBFGS(BlockOptimizer):
         if self.direction_momentum:
             buf = state["dir_mom"]
             buf *= self.direction_momentum
-            buf += scale * d
-            theta -= lr * buf
+            axpy(scale, d, buf)
+            axpy(-lr, buf, theta)
         else:
-            theta -= (lr * scale) * d
+            axpy(-lr * scale, d, theta)
 
     # -- state -----------------------------------------------------------------------------
     def export_block(self, state: State) -> State:
