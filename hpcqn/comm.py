@@ -165,6 +165,20 @@ class Communicator:
         self.mpi_comm.Allreduce(send, recv, op=mpi_op)
         return self._like(recv, a)
 
+    def allreduce_inplace(self, a: Any, op: str = "sum") -> Any:
+        """Like :meth:`allreduce`, but the result overwrites ``a`` (MPI_IN_PLACE: no
+        receive buffer is allocated). Returns ``a``."""
+        self._count("allreduce", a.nbytes)
+        if not self._parallel:
+            return a
+        MPI = _mpi()
+        mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+        buf = self._to_mpi(a)
+        self.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
+        if buf is not a:
+            a[...] = self._like(buf, a)
+        return a
+
     def reduce_scatter(self, a: Any, counts: Sequence[int]) -> Any:
         """Sum ``a`` (the full-length vector on every rank) over ranks; rank r gets the
         ``counts[r]`` entries that start at ``sum(counts[:r])``."""

@@ -188,3 +188,11 @@ def test_allgatherv_in_place(comm):
     assert out is full
     expected = np.concatenate([rank_values(r, c) for r, c in enumerate(counts)])
     np.testing.assert_array_equal(full, expected)
+
+
+@pytest.mark.mpi
+def test_allreduce_in_place(comm):
+    a = rank_values(comm.rank, 5)
+    out = comm.allreduce_inplace(a)
+    assert out is a
+    np.testing.assert_allclose(a, sum(rank_values(q, 5) for q in range(comm.size)))

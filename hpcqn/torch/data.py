@@ -39,8 +39,8 @@ def average_gradients(params: Iterable[torch.Tensor], comm: Any = None) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or c.size == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    total = torch.from_dlpack(c.allreduce(backend.from_dlpack(flat)))
+    total = torch.cat([g.reshape(-1) for g in grads])
+    c.allreduce_inplace(backend.from_dlpack(total))  # a view of ``total``
     total /= c.size
     position = 0
     for g in grads:
