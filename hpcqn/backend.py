@@ -96,11 +96,15 @@ def synchronize(a: Any) -> None:
         _cupy().cuda.get_current_stream().synchronize()
 
 
+AXPY_BLAS_MIN = 1 << 16  # below this, a BLAS call costs more than the temporary
+
+
 def axpy(alpha: float, x: Any, y: Any) -> Any:
-    """``y += alpha * x`` in place without a temporary (BLAS ``axpy`` for contiguous
+    """``y += alpha * x`` in place without a temporary (BLAS ``axpy`` for large contiguous
     NumPy arrays; the namespace's arithmetic otherwise). Returns ``y``."""
     if (
-        isinstance(y, np.ndarray) and isinstance(x, np.ndarray) and x.dtype == y.dtype
+        getattr(y, "size", 0) >= AXPY_BLAS_MIN
+        and isinstance(y, np.ndarray) and isinstance(x, np.ndarray) and x.dtype == y.dtype
         and y.dtype in (np.float32, np.float64) and x.flags.c_contiguous
         and y.flags.c_contiguous and x.shape == y.shape
     ):

@@ -54,6 +54,37 @@ def info() -> int:
     return 0
 
 
+def limit_threads() -> int:
+    """Give each rank its share of this node's cores for BLAS and OpenMP thread pools
+    (NumPy's, SciPy's and torch's): several ranks on a node that each start a pool of
+    all cores oversubscribe it, and OpenBLAS's spinning threads then slow every rank
+    down many times. ``OMP_NUM_THREADS``, when set, wins. Returns the thread count."""
+    import os
+
+    from .comm import _mpi, get_comm
+
+    comm = get_comm()
+    if "OMP_NUM_THREADS" in os.environ:
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    else:
+        ranks_here = 1
+        if comm.size > 1:
+            local = comm.mpi_comm.Split_type(_mpi().COMM_TYPE_SHARED)
+            ranks_here = local.Get_size()
+            local.Free()
+        threads = max(1, (os.cpu_count() or 1) // ranks_here)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpcqn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return info()
     from .jobs import JobError, run_job
 
+    limit_threads()
     try:
         summary = run_job(args.job, output=args.output)
     except JobError as exc:

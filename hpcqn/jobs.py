@@ -133,7 +133,6 @@ def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
         train_options.get("dtype", "float32"))
     if dtype is None:
         raise JobError(f"{path}: [train] dtype must be float32 or float64")
-    torch.set_num_threads(1)
     run_dir = Path(output).parent if output else Path("runs") / config["job"]["name"]
     if c.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

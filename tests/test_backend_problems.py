@@ -98,11 +98,15 @@ def test_known_minimisers():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_axpy_in_place(dtype):
     rng = np.random.default_rng(4)
-    x, y = rng.standard_normal((2, 50)).astype(dtype)
+    x, y = rng.standard_normal((2, backend.AXPY_BLAS_MIN + 3)).astype(dtype)
     expected = y.astype(np.float64) + 0.3 * x.astype(np.float64)
     out = backend.axpy(0.3, x, y)
     assert out is y
-    np.testing.assert_allclose(y, expected, rtol=1e-6 if dtype == np.float32 else 1e-15)
-    strided = np.zeros(100, dtype=dtype)[::2]  # not contiguous: the generic path
+    tolerance = 1e-6 if dtype == np.float32 else 1e-15
+    np.testing.assert_allclose(y, expected, rtol=0, atol=tolerance * np.abs(expected).max())
+    strided = np.zeros(2 * x.size, dtype=dtype)[::2]  # not contiguous: the generic path
     backend.axpy(2.0, x, strided)
     np.testing.assert_allclose(strided, 2.0 * x)
+    small = np.ones(5, dtype=dtype)  # below AXPY_BLAS_MIN: the generic path
+    assert backend.axpy(0.5, np.ones(5, dtype=dtype), small) is small
+    np.testing.assert_array_equal(small, 1.5)
