@@ -60,7 +60,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import scipy.optimize  # noqa: E402
-from common import machine, triad_bandwidth  # noqa: E402
+from common import history_products_timer, machine, triad_bandwidth  # noqa: E402
 
 import hpcqn  # noqa: E402
 from hpcqn.layout import BlockLayout  # noqa: E402
@@ -230,16 +230,7 @@ def history_products(opt: MLBFGS, g: np.ndarray) -> Callable[[], float]:
     for b, state in opt.block_state.items():
         vectors = state["history"].vectors
         blocks.append((vectors, g[opt.param_slice[b]], np.empty(vectors.shape[1], g.dtype)))
-    coeffs = np.full(2 * opt.history, 1e-3, dtype=g.dtype)
-
-    def run() -> float:
-        start = time.perf_counter()
-        for vectors, gb, out in blocks:
-            _ = vectors @ gb
-            np.matmul(coeffs, vectors, out=out)
-        return time.perf_counter() - start
-
-    return run
+    return history_products_timer(blocks, np.full(2 * opt.history, 1e-3, dtype=g.dtype))
 
 
 def step_timing(n: int, steps: int) -> StepTiming:

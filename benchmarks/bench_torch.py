@@ -73,7 +73,12 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import forget_triad, machine, triad_bandwidth  # noqa: E402
+from common import (  # noqa: E402
+    forget_triad,
+    history_products_timer,
+    machine,
+    triad_bandwidth,
+)
 from torch import nn  # noqa: E402
 
 import hpcqn  # noqa: E402
@@ -391,29 +396,13 @@ def history_products(opt: MLBFGS) -> Callable[[], float]:
         vectors = state["history"].vectors
         g = rng.standard_normal(vectors.shape[1], dtype=np.float32)
         blocks.append((vectors, g, np.empty_like(g)))
-    coeffs = np.full(2 * HISTORY, 1e-3, dtype=np.float32)
-
-    def run() -> float:
-        start = time.perf_counter()
-        for vectors, g, out in blocks:
-            _ = vectors @ g
-            np.matmul(coeffs, vectors, out=out)
-        return time.perf_counter() - start
-
-    return run
+    return history_products_timer(blocks, np.full(2 * HISTORY, 1e-3, dtype=np.float32))
 
 
 def bridge_extra(opt: MLBFGS) -> float:
-    """The work ``MLBFGS.step`` does before the core step (the same calls), timed."""
+    """The work ``MLBFGS.step`` does before the core step, timed."""
     start = time.perf_counter()
-    opt._gather_gradients()
-    group = opt.param_groups[0]
-    opt.core.lr = float(group["lr"])
-    opt.core.weight_decay = float(group["weight_decay"])
-    send = opt._send
-    opt.core.write_flags(send, True)
-    finite = bool(np.isfinite(send).all())
-    opt.core.write_flags(send, finite)
+    opt.prepare_step()
     return time.perf_counter() - start
 
 

@@ -168,6 +168,13 @@ class MLBFGS(torch.optim.Optimizer):
                 "hpcqn.torch.MLBFGS.step() takes no closure: compute the loss and call "
                 "backward() in the training loop, then step()"
             )
+        self.prepare_step()
+        self.core.step_rank_major(self._x, self._send)
+
+    def prepare_step(self) -> None:
+        """What the bridge does before the core step: re-attach gradients, hand the
+        group's ``lr`` and ``weight_decay`` to the core, mark the flag slots with whether
+        this rank's gradient is finite."""
         self._gather_gradients()
         group = self.param_groups[0]
         self.core.lr = float(group["lr"])
@@ -177,7 +184,6 @@ class MLBFGS(torch.optim.Optimizer):
         finite = bool(np.isfinite(send).all()) if isinstance(send, np.ndarray) else bool(
             torch.isfinite(self.flat_grad).all())
         self.core.write_flags(send, finite)
-        self.core.step_rank_major(self._x, send)
 
     @property
     def skipped_steps(self) -> int:
