@@ -229,7 +229,9 @@ def history_products(opt: MLBFGS, g: np.ndarray) -> Callable[[], float]:
     blocks = []
     for b, state in opt.block_state.items():
         vectors = state["history"].vectors
-        blocks.append((vectors, g[opt.param_slice[b]], np.empty(vectors.shape[1], g.dtype)))
+        start = opt.layout.offsets[b]
+        g_block = g[start : start + opt.layout.sizes[b]]
+        blocks.append((vectors, g_block, np.empty(vectors.shape[1], g.dtype)))
     return history_products_timer(blocks, np.full(2 * opt.history, 1e-3, dtype=g.dtype))
 
 

@@ -64,14 +64,12 @@ class BlockOptimizer:
         self.weight_decay = float(weight_decay)
         self.rank = self.comm.rank
         self.owned = layout.blocks_of(self.rank)
-        offsets = layout.offsets
         # Where each owned block sits in this rank's segment of the rank-major order.
         self.segment: dict[int, slice] = {}
         position = 0
         for b in self.owned:
             self.segment[b] = slice(position, position + layout.sizes[b])
             position += layout.sizes[b]
-        self.param_slice = {b: slice(offsets[b], offsets[b] + layout.sizes[b]) for b in self.owned}
         self.step_count = 0
         self.skipped_steps = 0
         self.block_state: dict[int, dict[str, Any]] = {}

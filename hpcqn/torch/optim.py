@@ -100,7 +100,10 @@ class MLBFGS(torch.optim.Optimizer):
             grouped.append(params[start : start + count])
             start += count
         sizes = [sum(p.numel() for p in group) for group in grouped]
-        layout, self.block_ids = BlockLayout.from_sizes(sizes, self.comm.size).rank_sorted()
+        # Blocks in parameter order (ids independent of the rank count), and the same
+        # blocks renumbered into rank-major order for the flat storage.
+        self.parameter_layout = BlockLayout.from_sizes(sizes, self.comm.size)
+        layout, self.block_ids = self.parameter_layout.rank_sorted()
         self.layout = layout
         self._attach([grouped[b] for b in self.block_ids], layout)
         self._check_same_model()
@@ -195,15 +198,13 @@ class MLBFGS(torch.optim.Optimizer):
         state = super().state_dict()
         core = self.core.state_dict()
         core["blocks"] = {self.block_ids[b]: s for b, s in core["blocks"].items()}
-        state["hpcqn"] = {"core": core, "owners": [self.layout.owners[self.block_ids.index(b)]
-                                                   for b in range(len(self.block_ids))],
-                          "sizes": [self.layout.sizes[self.block_ids.index(b)]
-                                    for b in range(len(self.block_ids))]}
+        state["hpcqn"] = {"core": core, "owners": list(self.parameter_layout.owners),
+                          "sizes": list(self.parameter_layout.sizes)}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["hpcqn"]
-        sizes = [self.layout.sizes[self.block_ids.index(b)] for b in range(len(self.block_ids))]
+        sizes = list(self.parameter_layout.sizes)
         if list(saved["sizes"]) != sizes:
             raise ValueError(f"the saved state has blocks of sizes {saved['sizes']}, this "
                              f"optimizer {sizes}: not the same model or blocks")
