@@ -8,6 +8,7 @@ when the inputs are CuPy arrays. Only float32 and float64 data are accepted.
 from __future__ import annotations
 
 import importlib
+import math
 from types import ModuleType
 from typing import Any
 
@@ -94,6 +95,18 @@ def synchronize(a: Any) -> None:
     """Wait for pending device work on ``a``'s stream (no-op for host arrays)."""
     if is_cupy_array(a):
         _cupy().cuda.get_current_stream().synchronize()
+
+
+def all_finite(a: Any) -> bool:
+    """Whether every entry of ``a`` is finite. One read: ``a . a`` is finite only when
+    every entry is (squares cannot cancel an infinity); only when the dot product is not
+    finite (a non-finite entry, or an overflow) are the entries checked one by one."""
+    xp = namespace(a)
+    flat = a.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(flat @ flat)):
+            return True
+    return bool(xp.isfinite(flat).all())
 
 
 AXPY_BLAS_MIN = 1 << 16  # below this, a BLAS call costs more than the temporary

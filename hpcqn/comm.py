@@ -179,22 +179,34 @@ class Communicator:
             a[...] = self._like(buf, a)
         return a
 
-    def reduce_scatter(self, a: Any, counts: Sequence[int]) -> Any:
+    def reduce_scatter(self, a: Any, counts: Sequence[int], out: Any = None) -> Any:
         """Sum ``a`` (the full-length vector on every rank) over ranks; rank r gets the
-        ``counts[r]`` entries that start at ``sum(counts[:r])``."""
+        ``counts[r]`` entries that start at ``sum(counts[:r])``, in ``out`` when given
+        (a reused buffer: MPI receives into it directly unless staging is needed)."""
         counts = [int(c) for c in counts]
         if len(counts) != self.size or sum(counts) != a.shape[0]:
             raise ValueError(
                 f"reduce_scatter counts {counts} do not split a vector of {a.shape[0]} "
                 f"over {self.size} ranks"
             )
-        self._count("reduce_scatter", a.nbytes, counts[self.rank] * a.itemsize)
+        mine = counts[self.rank]
+        if out is not None and (out.shape != (mine,) or out.dtype != a.dtype):
+            raise ValueError(f"reduce_scatter out must have shape ({mine},) and dtype "
+                             f"{a.dtype}, got {out.shape} and {out.dtype}")
+        self._count("reduce_scatter", a.nbytes, mine * a.itemsize)
         if not self._parallel:
-            return a.copy()
+            if out is None:
+                return a.copy()
+            out[...] = a
+            return out
         send = self._to_mpi(a)
-        recv = self._empty_for(send, counts[self.rank])
+        direct = out is not None and backend.namespace(out) is backend.namespace(send)
+        recv = out if direct else self._empty_for(send, mine)
         self.mpi_comm.Reduce_scatter(send, recv, recvcounts=counts)
-        return self._like(recv, a)
+        if out is None or direct:
+            return out if direct else self._like(recv, a)
+        out[...] = backend.namespace(out).asarray(recv)
+        return out
 
     def allgather_counts(self, n_local: int) -> list[int]:
         """Every rank's ``n_local``, in rank order."""

@@ -110,3 +110,20 @@ def test_axpy_in_place(dtype):
     small = np.ones(5, dtype=dtype)  # below AXPY_BLAS_MIN: the generic path
     assert backend.axpy(0.5, np.ones(5, dtype=dtype), small) is small
     np.testing.assert_array_equal(small, 1.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite(dtype):
+    from hpcqn.backend import all_finite
+
+    a = np.linspace(-1.0, 1.0, 100_000).astype(dtype)
+    assert all_finite(a) and all_finite(a.reshape(100, 1000)) and all_finite(a[:0])
+    for bad in (np.nan, np.inf, -np.inf):
+        b = a.copy()
+        b[12_345] = bad
+        assert not all_finite(b)
+    # Squares that overflow: the dot product is inf, the entries are finite.
+    big = np.full(10, np.finfo(dtype).max / 2, dtype=dtype)
+    assert all_finite(big)
+    big[3] = np.inf
+    assert not all_finite(big)

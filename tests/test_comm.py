@@ -196,3 +196,25 @@ def test_allreduce_in_place(comm):
     out = comm.allreduce_inplace(a)
     assert out is a
     np.testing.assert_allclose(a, sum(rank_values(q, 5) for q in range(comm.size)))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("aware", [None, False, True])
+def test_reduce_scatter_into_a_reused_buffer(comm, aware):
+    """``out=`` receives the rank's sum (host arrays, and fake device arrays on the aware
+    and the staging paths); a wrong ``out`` is refused before any communication."""
+    c = comm if aware is None else Communicator(comm.mpi_comm, cuda_aware=aware)
+    if aware is not None and comm.mpi_comm is None:
+        pytest.skip("needs mpi4py")
+    counts = uneven_counts(c.size)
+    full = rank_values(c.rank, sum(counts))
+    out = np.full(counts[c.rank], np.nan)
+    if aware is not None:
+        full, out = full.view(FakeDeviceArray), out.view(FakeDeviceArray)
+    result = c.reduce_scatter(full, counts, out=out)
+    assert result is out
+    everything = sum(rank_values(q, sum(counts)) for q in range(c.size))
+    np.testing.assert_allclose(np.asarray(out),
+                               everything[SliceLayout(tuple(counts)).local_slice(c.rank)])
+    with pytest.raises(ValueError, match="out must have shape"):
+        c.reduce_scatter(full, counts, out=np.empty(counts[c.rank] + 1))

@@ -250,3 +250,50 @@ def test_normalized_direction_with_heavy_ball():
     expected = x - 0.1 * (0.9 * v + g2)
     opt.step(x, g2.copy())
     np.testing.assert_allclose(x, expected)
+
+
+def reference_mlbfgs(x, grad, steps, blocks, lr, history, period, beta, mu, damping=0.01):
+    """The update written out densely and without the stored-scale shortcut: EMA momentum,
+    damped pairs, d = H g from a dense inverse BFGS, global normalisation, heavy-ball."""
+    x = x.copy()
+    mth = mg = prev_th = prev_g = None
+    v = np.zeros_like(x)
+    pairs = [[] for _ in blocks]
+    for t in range(steps):
+        g = grad(x)
+        if t == 0:
+            mth, mg = x.copy(), g.copy()
+            prev_th, prev_g = x.copy(), g.copy()
+        else:
+            mth, mg = beta * mth + (1 - beta) * x, beta * mg + (1 - beta) * g
+        d = np.empty_like(x)
+        for b, part in enumerate(blocks):
+            if t > 0 and t % period == 0:
+                s, y = mth[part] - prev_th[part], mg[part] - prev_g[part]
+                pairs[b] = (pairs[b] + [(s, damped(s, y, damping))])[-history:]
+            d[part] = (dense_inverse_bfgs(pairs[b], len(g[part])) @ g[part]
+                       if pairs[b] else g[part])
+        if t > 0 and t % period == 0:
+            prev_th, prev_g = mth.copy(), mg.copy()
+        v = mu * v + d / np.linalg.norm(d)
+        x -= lr * v
+    return x
+
+
+@pytest.mark.parametrize("beta, mu", [(0.5, 0.5), (0.99, 0.9), (1e-7, 1e-7)])
+def test_many_steps_equal_the_dense_reference(beta, mu):
+    """80 steps, period 30: with beta = mu = 0.5 the stored scales pass 1e-6 between pairs
+    and are multiplied back into the buffers; 1e-7 takes the direct path."""
+    a = np.diag(np.linspace(1.0, 20.0, 10))
+    grad = lambda x: a @ x  # noqa: E731
+    layout = BlockLayout.from_sizes([6, 4], 1)
+    blocks = [slice(0, 6), slice(6, 10)]
+    x0 = np.linspace(-1.0, 1.0, 10)
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=0.02, history=3, period=30, beta=beta,
+                 direction_momentum=mu)
+    x = x0.copy()
+    for _ in range(80):
+        opt.step(x, grad(x))
+    assert opt.statistics()["npairs"] == 4
+    expected = reference_mlbfgs(x0, grad, 80, blocks, 0.02, 3, 30, beta, mu)
+    np.testing.assert_allclose(x, expected, rtol=1e-10, atol=1e-12)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..backend import check_float_array, namespace
+from ..backend import all_finite, check_float_array, namespace
 from ..comm import Communicator, get_comm
 from ..layout import BlockLayout
 
@@ -123,8 +123,8 @@ class BlockOptimizer:
         """One optimizer step; updates ``x`` in place. Returns False when the step was
         skipped because some rank's gradient was not finite (then nothing changed)."""
         self._check(x, g)
-        xp = namespace(x, g)
-        finite = bool(xp.isfinite(g).all())
+        namespace(x, g)  # raises unless both live in one namespace
+        finite = all_finite(g)
         if self.mode == "replicated":
             return self._step_replicated(x, g, finite)
         return self._step_sharded(x, g, finite)
@@ -154,7 +154,12 @@ class BlockOptimizer:
         Communication: one reduce_scatter of ``send``, one in-place allgatherv of ``x``.
         """
         layout, comm = self.layout, self.comm
-        mine = comm.reduce_scatter(send, [c + 1 for c in layout.counts])
+        count = layout.counts[self.rank]
+        if comm.size == 1 and not self.weight_decay:
+            mine = send  # one rank: the sum is this rank's gradient, and the update only reads it
+        else:
+            mine = comm.reduce_scatter(send, [c + 1 for c in layout.counts],
+                                       out=self._buffer("recv", count + 1, send))
         if float(mine[-1]) > 0:
             self.skipped_steps += 1
             return False
@@ -162,7 +167,7 @@ class BlockOptimizer:
         if layout.nranks > 1:
             grad *= 1.0 / layout.nranks
         start = layout.segment_start(self.rank)
-        self._update_owned(x[start : start + layout.counts[self.rank]], grad)
+        self._update_owned(x[start : start + count], grad)
         comm.allgatherv_inplace(x, list(layout.counts))
         return True
 

@@ -38,6 +38,18 @@ from ..layout import BlockLayout
 from .blockwise import BlockOptimizer, Schedule, State
 
 MOMENTUM_FORMS = ("ema", "sum")
+# Momentum buffers are stored divided by a per-block scalar that absorbs the decay; when
+# the scalar falls below this, it is multiplied into the buffer (one extra pass).
+RESCALE_BELOW = 1e-6
+
+
+def _materialise(state: State, scale_key: str, names: tuple[str, ...]) -> None:
+    """Multiply the stored buffers by their scalar and reset it to 1."""
+    scale = state[scale_key]
+    if scale != 1.0:
+        for name in names:
+            state[name] *= scale
+        state[scale_key] = 1.0
 
 
 class MLBFGS(BlockOptimizer):
@@ -89,21 +101,32 @@ class MLBFGS(BlockOptimizer):
             "theta_mom": theta.copy(), "grad_mom": g.copy(),
             "theta_prev": theta.copy(), "grad_prev": g.copy(),
             "history": BlockHistory(theta.shape[0], self.history, xp, theta.dtype),
-            "dir_mom": xp.zeros_like(theta), "npairs": 0, "skipped_pairs": 0,
-            "first_step": self.step_count,
+            "mom_scale": 1.0, "dir_mom": xp.zeros_like(theta), "dir_scale": 1.0,
+            "npairs": 0, "skipped_pairs": 0, "first_step": self.step_count,
         }
 
     def _momentum(self, state: State, theta: Any, g: Any) -> None:
+        """``M = beta M + w x`` for theta and g, as ONE pass each: the buffers hold
+        ``M / mom_scale`` and the decay goes into the scalar (materialised at pairs)."""
         if self.step_count == state["first_step"]:
             return  # the sums start at the first step's values
-        beta = self.beta
-        weight = 1.0 - beta if self.momentum_form == "ema" else 1.0
-        for name, value in (("theta_mom", theta), ("grad_mom", g)):
-            buf = state[name]
-            buf *= beta
-            axpy(weight, value, buf)
+        weight = 1.0 - self.beta if self.momentum_form == "ema" else 1.0
+        names = ("theta_mom", "grad_mom")
+        scale = state["mom_scale"] * self.beta
+        if scale < RESCALE_BELOW:  # keep the stored buffers far from overflow
+            _materialise(state, "mom_scale", names)
+            scale = self.beta
+        if scale < RESCALE_BELOW:  # a tiny beta: decay the buffers directly
+            for name, value in zip(names, (theta, g), strict=True):
+                state[name] *= self.beta
+                axpy(weight, value, state[name])
+            return
+        state["mom_scale"] = scale
+        axpy(weight / scale, theta, state["theta_mom"])
+        axpy(weight / scale, g, state["grad_mom"])
 
     def _form_pair(self, state: State, g: Any) -> None:
+        _materialise(state, "mom_scale", ("theta_mom", "grad_mom"))
         s = state["theta_mom"] - state["theta_prev"]
         y = state["grad_mom"] - state["grad_prev"]
         state["theta_prev"][...] = state["theta_mom"]
@@ -150,10 +173,20 @@ class MLBFGS(BlockOptimizer):
         """Heavy-ball on the normalised direction, as the released code:
         ``v = mu v + scale d``, ``theta -= lr v``."""
         if self.direction_momentum:
+            # v = mu v + scale d with v stored as dir_mom * dir_scale: two passes, not three.
             buf = state["dir_mom"]
-            buf *= self.direction_momentum
-            axpy(scale, d, buf)
-            axpy(-lr, buf, theta)
+            factor = state["dir_scale"] * self.direction_momentum
+            if factor < RESCALE_BELOW:
+                _materialise(state, "dir_scale", ("dir_mom",))
+                factor = self.direction_momentum
+            if factor < RESCALE_BELOW:  # a tiny momentum: decay the buffer directly
+                buf *= self.direction_momentum
+                axpy(scale, d, buf)
+                factor = 1.0
+            else:
+                state["dir_scale"] = factor
+                axpy(scale / factor, d, buf)
+            axpy(-lr * factor, buf, theta)
         else:
             axpy(-lr * scale, d, theta)
 

@@ -184,7 +184,7 @@ class MLBFGS(torch.optim.Optimizer):
         self.core.weight_decay = float(group["weight_decay"])
         send = self._send
         self.core.write_flags(send, True)
-        finite = bool(np.isfinite(send).all()) if isinstance(send, np.ndarray) else bool(
+        finite = backend.all_finite(send) if isinstance(send, np.ndarray) else bool(
             torch.isfinite(self.flat_grad).all())
         self.core.write_flags(send, finite)
 
