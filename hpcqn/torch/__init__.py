@@ -1,8 +1,17 @@
 """The PyTorch bridge: mL-BFGS as a ``torch.optim.Optimizer`` working on the model's
-memory through DLPack, and data-parallel helpers over MPI (no ``torch.distributed``)."""
+memory through DLPack, MKOR / MKOR-H with layer hooks, and data-parallel helpers over
+MPI (no ``torch.distributed``)."""
 
-from .data import GlobalBatches, average_gradients, broadcast_parameters, shard
+from .data import (
+    GlobalBatches,
+    average_gradients,
+    broadcast_parameters,
+    check_same_parameters,
+    shard,
+)
+from .lamb import LAMB
+from .mkor import MKOR
 from .optim import MLBFGS, layer_blocks
 
-__all__ = ["MLBFGS", "GlobalBatches", "average_gradients", "broadcast_parameters",
-           "layer_blocks", "shard"]
+__all__ = ["LAMB", "MKOR", "MLBFGS", "GlobalBatches", "average_gradients",
+           "broadcast_parameters", "check_same_parameters", "layer_blocks", "shard"]

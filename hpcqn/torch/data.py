@@ -31,6 +31,22 @@ def broadcast_parameters(module: torch.nn.Module, comm: Any = None, root: int = 
 
 
 @torch.no_grad()
+def check_same_parameters(params: Iterable[torch.Tensor], comm: Any = None) -> None:
+    """Raise on every rank unless all ranks hold the same parameters (a float64 sum and
+    sum of squares, compared in one small reduction)."""
+    c = get_comm(comm)
+    values = [p.detach().double().reshape(-1) for p in params]
+    flat = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+    checksum = [float(flat.sum()), float((flat * flat).sum())]
+    _, top = c.allreduce_scalars([], checksum + [-v for v in checksum])
+    if top[0] != -top[2] or top[1] != -top[3]:
+        raise ValueError(
+            "the model's parameters differ between ranks; build it from one seed or "
+            "call hpcqn.torch.broadcast_parameters(model) before creating the optimizer"
+        )
+
+
+@torch.no_grad()
 def average_gradients(params: Iterable[torch.Tensor], comm: Any = None) -> None:
     """Average ``.grad`` over ranks in ONE allreduce (all gradients flattened together):
     call it between ``backward()`` and a torch optimizer's ``step()`` to train it

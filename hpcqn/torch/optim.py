@@ -28,6 +28,7 @@ from .. import backend
 from ..comm import Communicator, get_comm
 from ..layout import BlockLayout
 from ..optimizers.mlbfgs import MLBFGS as CoreMLBFGS
+from .data import check_same_parameters
 
 CORE_OPTIONS = ("history", "period", "beta", "damping", "sigma_l", "sigma_h", "momentum_form",
                 "pair_smoothing", "normalize_direction", "direction_momentum")
@@ -106,7 +107,7 @@ class MLBFGS(torch.optim.Optimizer):
         layout, self.block_ids = self.parameter_layout.rank_sorted()
         self.layout = layout
         self._attach([grouped[b] for b in self.block_ids], layout)
-        self._check_same_model()
+        check_same_parameters([self.flat_param], self.comm)
         self.core = CoreMLBFGS(layout, self.comm, lr=lr, weight_decay=weight_decay,
                                **options)
 
@@ -135,17 +136,6 @@ class MLBFGS(torch.optim.Optimizer):
                 position += size
         self._x = backend.from_dlpack(self.flat_param.detach())
         self._send = backend.from_dlpack(self.flat_grad)
-
-    def _check_same_model(self) -> None:
-        """Every rank must start from the same parameters (a checksum, one reduction)."""
-        values = self.flat_param.detach().double()
-        checksum = [float(values.sum()), float((values * values).sum())]
-        _, top = self.comm.allreduce_scalars([], checksum + [-v for v in checksum])
-        if top[0] != -top[2] or top[1] != -top[3]:
-            raise ValueError(
-                "the model's parameters differ between ranks; build it from one seed or "
-                "call hpcqn.torch.broadcast_parameters(model) before creating the optimizer"
-            )
 
     def _gather_gradients(self) -> None:
         """Re-attach gradients that something replaced (or set to None: zero)."""

@@ -1,0 +1,129 @@
+"""Kronecker-factor inverses kept up to date by rank-1 Sherman-Morrison steps (MKOR,
+Mozaffari et al., NeurIPS 2023; ALGORITHMS.md section 2).
+
+A factor ``F`` (``d x d``, SPD) is never formed: only ``X = F^-1`` is stored. An update
+with the vector ``v`` replaces ``F`` by ``gam F + (1 - gam) v v^T`` and ``X`` by its EXACT
+inverse::
+
+    u = X v
+    X = (X - (1 - gam) u u^T / (gam + (1 - gam) v.u)) / gam
+
+which stays symmetric positive definite for ``0 < gam < 1`` (the paper's printed formula
+and the released code differ from this; see ALGORITHMS.md). Before the update the
+norm-based stabiliser pulls ``X`` towards the identity when ``max|X| > eps_stab``:
+``X = zeta X + (1 - zeta) I``. Cost: two matrix-vector passes over ``X``, against the
+``O(d^3)`` inversion of K-FAC.
+
+Storage may be float16 or bfloat16 (half the memory); arithmetic is then float32.
+bfloat16 is kept as its raw 16 bits in a ``uint16`` array, so it works wherever the
+array namespace has integers (NumPy has no bfloat16 type).
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..backend import namespace, to_host
+
+STORAGE = ("float32", "float64", "float16", "bfloat16")
+
+
+def to_bfloat16_bits(a: Any) -> Any:
+    """float32 -> the upper 16 bits of each value, rounded to nearest even (uint16)."""
+    xp = namespace(a)
+    bits = xp.ascontiguousarray(a, dtype=xp.float32).view(xp.uint32)
+    rounding = xp.uint32(0x7FFF) + ((bits >> xp.uint32(16)) & xp.uint32(1))
+    return ((bits + rounding) >> xp.uint32(16)).astype(xp.uint16)
+
+
+def from_bfloat16_bits(b: Any) -> Any:
+    """The inverse of :func:`to_bfloat16_bits` (exact)."""
+    xp = namespace(b)
+    return (b.astype(xp.uint32) << xp.uint32(16)).view(xp.float32)
+
+
+def stabilise(x: Any, eps_stab: float, zeta: float) -> bool:
+    """``X = zeta X + (1 - zeta) I`` in place when ``max|X| > eps_stab``; returns whether
+    it did."""
+    xp = namespace(x)
+    if not float(xp.max(xp.abs(x))) > eps_stab:
+        return False
+    x *= zeta
+    diagonal = x.reshape(-1)[:: x.shape[0] + 1]  # a view of the diagonal
+    diagonal += 1.0 - zeta
+    return True
+
+
+def sherman_morrison(x: Any, v: Any, gam: float) -> None:
+    """``X = inv(gam inv(X) + (1 - gam) v v^T)`` in place, then symmetrised."""
+    xp = namespace(x)
+    u = x @ v
+    denominator = gam + (1.0 - gam) * float(v @ u)
+    x -= ((1.0 - gam) / denominator) * xp.outer(u, u)
+    x *= 1.0 / gam
+    x += x.T.copy()
+    x *= 0.5
+
+
+class FactorInverse:
+    """One factor inverse ``X`` (``d x d``), identity at start, in ``storage`` precision."""
+
+    def __init__(self, d: int, xp: ModuleType, dtype: Any, storage: str | None = None):
+        storage = storage or np.dtype(dtype).name
+        if storage not in STORAGE:
+            raise ValueError(f"factor storage must be one of {STORAGE}, got {storage!r}")
+        self.d, self.xp, self.storage = int(d), xp, storage
+        # Arithmetic in the model's precision, at least float32.
+        self.compute_dtype = xp.float64 if np.dtype(dtype) == np.float64 else xp.float32
+        self.stored = self._encode(xp.eye(self.d, dtype=self.compute_dtype))
+        self.stabilised = 0  # how often the stabiliser fired
+
+    def _encode(self, x: Any) -> Any:
+        if self.storage == "bfloat16":
+            return to_bfloat16_bits(x)
+        return x.astype(getattr(self.xp, self.storage), copy=False)
+
+    def matrix(self) -> Any:
+        """``X`` in the compute precision (the stored array itself when they agree)."""
+        if self.storage == "bfloat16":
+            return from_bfloat16_bits(self.stored)
+        return self.stored.astype(self.compute_dtype, copy=False)
+
+    def update(self, v: Any, gam: float, eps_stab: float, zeta: float) -> bool:
+        """Stabilise, then the Sherman-Morrison step with ``v``. Returns whether the
+        stabiliser fired."""
+        x = self.matrix()  # the stored array itself when no conversion is needed
+        v = v.astype(self.compute_dtype, copy=False)
+        fired = stabilise(x, eps_stab, zeta)
+        sherman_morrison(x, v, gam)
+        if x is not self.stored:
+            self.stored = self._encode(x)
+        self.stabilised += int(fired)
+        return fired
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stored": self.stored.copy(), "stabilised": self.stabilised}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        stored = saved["stored"]
+        if tuple(stored.shape) != (self.d, self.d) or np.dtype(stored.dtype) != np.dtype(
+                to_host(self.stored).dtype):
+            raise ValueError(f"saved factor has shape {tuple(stored.shape)} and dtype "
+                             f"{stored.dtype}, expected ({self.d}, {self.d}) and "
+                             f"{self.stored.dtype}")
+        self.stored = self.xp.asarray(stored).copy()
+        self.stabilised = int(saved["stabilised"])
+
+
+def precondition(linv: Any, grad: Any, rinv: Any) -> Any:
+    """``D = Linv @ G @ Rinv`` rescaled to the Frobenius norm of ``G`` (a new array)."""
+    xp = namespace(grad)
+    d = linv @ grad @ rinv
+    norm_d = float(xp.linalg.norm(d))
+    if norm_d > 0 and math.isfinite(norm_d):
+        d *= float(xp.linalg.norm(grad)) / norm_d
+    return d

@@ -1,0 +1,159 @@
+"""Layer statistics for Kronecker-factored methods (MKOR, K-FAC): forward and backward
+hooks on ``nn.Linear`` and ``nn.Conv2d`` that, while switched on, record each layer's
+inputs and the gradients of its outputs as rows of a matrix.
+
+- ``nn.Linear`` on inputs ``(B, ..., d_in)``: input rows ``x.reshape(-1, d_in)``, output
+  gradient rows ``grad.reshape(-1, d_out)``.
+- ``nn.Conv2d``: input rows are the unfolded patches (``torch.nn.functional.unfold``
+  with the layer's kernel, dilation, padding and stride), one row per sample and output
+  position, ``C_in * kh * kw`` wide; output gradient rows one per sample and position.
+- With a bias, a column of ones is appended to the input rows, so the layer's gradient
+  matrix is ``[W | b]`` (``d_out x (d_in + 1)``).
+
+Hooks fire only while :attr:`LayerCapture.active` is true and autograd is recording, so
+steps that need no statistics cost nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+def _skipped(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or re.fullmatch(p, name) for p in patterns)
+
+
+class LayerCapture:
+    """Hooks on every supported layer of ``model`` not named by ``skip_layers`` (exact
+    module names or regular expressions matched against the whole name)."""
+
+    def __init__(self, model: nn.Module, skip_layers: Iterable[str] = ()):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(skip_layers, str):
+            skip_layers = [skip_layers]
+        patterns = list(skip_layers)
+        for p in patterns:
+            re.compile(p)  # a bad pattern fails here, with re's message
+        self.layers: list[tuple[str, nn.Module]] = []
+        self.skipped: list[str] = []
+        self.unsupported: list[str] = []
+        for name, module in model.named_modules():
+            if not isinstance(module, SUPPORTED):
+                continue
+            if _skipped(name, patterns):
+                self.skipped.append(name)
+            elif isinstance(module, nn.Conv2d) and (module.groups != 1
+                                                    or module.padding_mode != "zeros"):
+                self.unsupported.append(name)  # grouped or non-zero-padded convolutions
+            else:
+                self.layers.append((name, module))
+        if not self.layers:
+            raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition "
+                             f"(skipped: {self.skipped}, unsupported: {self.unsupported})")
+        self.active = False
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.batch: dict[str, int] = {}
+        self.grads: dict[str, list[torch.Tensor]] = {}
+        self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in self.layers]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.layers]
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """``(d_out, d_in)`` of every layer's gradient matrix (bias column included)."""
+        return [(m.weight.shape[0], m.weight[0].numel() + (m.bias is not None))
+                for _, m in self.layers]
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for _, m in self.layers for p in (m.weight, m.bias) if p is not None]
+
+    def clear(self) -> None:
+        self.inputs, self.batch, self.grads = {}, {}, {}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _forward_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            if not self.active or not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            x = inputs[0].detach()
+            rows = input_rows(module, x)
+            self.inputs.setdefault(name, []).append(rows)
+            self.batch[name] = self.batch.get(name, 0) + int(x.shape[0])
+            output.register_hook(self._grad_hook(name, module))
+
+        return hook
+
+    def _grad_hook(self, name: str, module: nn.Module) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            self.grads.setdefault(name, []).append(output_grad_rows(module, grad.detach()))
+
+        return hook
+
+    def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """``(input rows, output-gradient rows, batch size)`` recorded for a layer since
+        the last :meth:`clear`, or None when its hooks did not both fire."""
+        if name not in self.inputs or name not in self.grads:
+            return None
+        a = torch.cat(self.inputs[name]) if len(self.inputs[name]) > 1 else self.inputs[name][0]
+        g = torch.cat(self.grads[name]) if len(self.grads[name]) > 1 else self.grads[name][0]
+        return a, g, self.batch[name]
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as rows (unfolded patches for a convolution), with a ones column
+    when the layer has a bias."""
+    if isinstance(module, nn.Conv2d):
+        patches = nn.functional.unfold(x, module.kernel_size, dilation=module.dilation,
+                                       padding=module.padding, stride=module.stride)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    if module.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows
+
+
+def output_grad_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of a layer's output as rows (one per sample and position)."""
+    if isinstance(module, nn.Conv2d):
+        return grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
+    return grad.reshape(-1, grad.shape[-1])
+
+
+def grad_matrix(module: nn.Module) -> torch.Tensor | None:
+    """``[W.grad | b.grad]`` as ``(d_out, d_in)``, or None when the weight has no
+    gradient."""
+    weight, bias = module.weight, module.bias
+    if weight.grad is None:
+        return None
+    g = weight.grad.reshape(weight.shape[0], -1)
+    if bias is not None:
+        b = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        g = torch.cat([g, b.reshape(-1, 1)], dim=1)
+    return g
+
+
+@torch.no_grad()
+def set_grad_matrix(module: nn.Module, d: torch.Tensor) -> None:
+    """Write ``(d_out, d_in)`` back into the weight's (and bias's) gradient."""
+    weight, bias = module.weight, module.bias
+    n_w = weight[0].numel()
+    weight.grad.copy_(d[:, :n_w].reshape(weight.shape))
+    if bias is not None:
+        if bias.grad is None:
+            bias.grad = torch.zeros_like(bias)
+        bias.grad.copy_(d[:, n_w])

@@ -1,0 +1,78 @@
+"""hpcqn.torch.MKOR data-parallel under mpiexec -n 1/2/3: a one-rank run on the whole
+batch in this process is the reference; owner placement equals redundant; the
+curvature traffic per update step is O(sum of layer widths)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import hpcqn  # noqa: E402
+import hpcqn.torch as ht  # noqa: E402
+from hpcqn.torch.train import digits, make_model  # noqa: E402
+
+pytestmark = pytest.mark.mpi
+torch.set_num_threads(1)
+
+
+def run(comm, model_name, batch_size=60, steps=12, **options):
+    data = digits(dtype=torch.float64)
+    model = make_model(model_name, hidden=24, dtype=torch.float64)
+    opt = ht.MKOR(model, comm, lr=0.05, inv_freq=3, **options)
+    batches = ht.GlobalBatches(data["train_y"].numel(), batch_size, comm)
+    for _, (rows, weight) in zip(range(steps), batches, strict=False):
+        index = torch.as_tensor(rows)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(data["train_x"][index]),
+                                                 data["train_y"][index]) * weight
+        loss.backward()
+        opt.step(loss=loss.item()) if "hybrid" in options else opt.step()
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy(), opt
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+@pytest.mark.parametrize("batch_size", [60, 64])  # 64 splits unevenly over 3 ranks
+def test_data_parallel_equals_one_rank_with_the_whole_batch(comm, model_name, batch_size):
+    reference, _ = run(hpcqn.serial_comm(), model_name, batch_size)
+    redundant, _ = run(comm, model_name, batch_size)
+    owner, opt = run(comm, model_name, batch_size, placement="owner")
+    np.testing.assert_allclose(redundant, reference, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(owner, redundant, rtol=1e-10, atol=1e-12)
+    # Owner mode keeps only this rank's factors; together the ranks hold every layer once.
+    kept = comm.allgatherv(np.array([float(k) for k in opt.core.factors]))
+    assert sorted(kept.tolist()) == list(range(len(opt.core.shapes)))
+
+
+def test_curvature_traffic_per_update_step_is_linear_in_widths(comm):
+    if comm.size == 1:
+        pytest.skip("one rank sends nothing")
+    c = hpcqn.Communicator(comm.mpi_comm)
+    data = digits(dtype=torch.float64)
+    model = make_model("mlp", hidden=24, dtype=torch.float64)
+    opt = ht.MKOR(model, c, lr=0.05, inv_freq=2)
+    sent = []
+    for _ in range(4):
+        c.reset_counters()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(data["train_x"][:30]),
+                                          data["train_y"][:30]).backward()
+        opt.step()
+        sent.append({k: v.nbytes for k, v in c.counters.items()})
+    shapes = opt.core.shapes
+    widths = sum(o + i for o, i in shapes) + 2 * len(shapes)
+    params = sum(p.numel() for p in model.parameters())
+    # Update steps (0, 2) add exactly one allreduce of the statistics to the gradients'.
+    assert sent[0] == sent[2] and sent[1] == sent[3]
+    assert sent[0]["allreduce"] - sent[1]["allreduce"] == widths * 8
+    assert sent[1]["allreduce"] == params * 8
+    assert widths < sum(o * o + i * i for o, i in shapes) / 20
+
+
+def test_hybrid_switch_is_the_same_step_on_every_rank(comm):
+    _, opt = run(comm, "mlp", steps=20, hybrid=True, hybrid_window=3, hybrid_threshold=0.5)
+    """Each rank's own loss differs; the switch uses their global mean."""
+    assert opt.switch.switched_at is not None
+    steps = comm.allgatherv(np.array([float(opt.switch.switched_at)]))
+    assert len(set(steps.tolist())) == 1

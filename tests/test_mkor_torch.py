@@ -1,0 +1,235 @@
+"""hpcqn.torch.MKOR in one process: hook statistics against hand computations (Linear,
+and Conv2d against explicitly extracted patches), the step against the dense
+preconditioned gradient, the AMP loss scale, skipped and unused layers, MKOR-H, the
+state round trip, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import hpcqn  # noqa: E402
+import hpcqn.torch as ht  # noqa: E402
+from hpcqn.torch.capture import LayerCapture  # noqa: E402
+from hpcqn.torch.train import digits, make_model  # noqa: E402
+
+nn = torch.nn
+torch.set_num_threads(1)
+SERIAL = hpcqn.serial_comm()
+
+
+def test_linear_statistics_are_the_batch_means():
+    """loss = sum(out^2) / (2B): dL/dout = out / B, so g = mean(out / B) * B = mean(out)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).double()
+    x = torch.randn(7, 4, dtype=torch.float64) * 300  # beyond the clamp at 100
+    opt = ht.MKOR(layer, SERIAL, lr=0.1)
+    out = layer(x)
+    (out.pow(2).sum() / (2 * 7)).backward()
+    (a_sum, count, g), = opt._statistics()
+    ones = torch.ones(7, 1, dtype=torch.float64)
+    expected_a = torch.cat([x.clamp(-100, 100), ones], 1).sum(0)
+    np.testing.assert_allclose(a_sum, expected_a.numpy(), rtol=1e-14)
+    assert count == 7
+    np.testing.assert_allclose(g, out.detach().mean(0).numpy(), rtol=1e-12)
+
+
+def test_conv_statistics_equal_explicit_patches():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 3, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0),
+                     dilation=(1, 2)).double()
+    x = torch.randn(5, 2, 7, 6, dtype=torch.float64)
+    opt = ht.MKOR(conv, SERIAL, lr=0.1)
+    out = conv(x)
+    weights = torch.randn_like(out)
+    (out * weights).sum().div(5).backward()  # dL/dout = weights / 5
+    (a_sum, count, g), = opt._statistics()
+    # Patches by hand: pad, then for every output position take the dilated window.
+    padded = nn.functional.pad(x, (0, 0, 1, 1))
+    rows = []
+    for b in range(5):
+        for i in range(out.shape[2]):
+            for j in range(out.shape[3]):
+                window = padded[b, :, 2 * i : 2 * i + 3, j : j + 3 : 2]  # rows 3, cols 2
+                rows.append(torch.cat([window.reshape(-1), torch.ones(1, dtype=x.dtype)]))
+    rows = torch.stack(rows)
+    assert count == rows.shape[0] == 5 * out.shape[2] * out.shape[3]
+    np.testing.assert_allclose(a_sum, rows.sum(0).numpy(), rtol=1e-12)
+    positions = out.shape[2] * out.shape[3]
+    expected_g = (weights / 5).sum(dim=(0, 2, 3)) / (5 * positions) * 5
+    np.testing.assert_allclose(g, expected_g.numpy(), rtol=1e-12)
+
+
+def dense_direction(opt, layer, grad):
+    """Linv [W|b]-gradient Rinv, rescaled to the gradient's norm, from the optimizer's
+    factors after the step (float64, NumPy)."""
+    linv, rinv = (f.matrix() for f in opt.core.factors[0])
+    d = linv @ grad @ rinv
+    return d * np.linalg.norm(grad) / np.linalg.norm(d)
+
+
+def test_step_applies_the_dense_preconditioned_gradient():
+    torch.manual_seed(2)
+    layer = nn.Linear(5, 3).double()
+    opt = ht.MKOR(layer, SERIAL, lr=0.1, optimizer_options={"momentum": 0.0})
+    x = torch.randn(9, 5, dtype=torch.float64)
+    for _ in range(3):  # update steps 0 (inv_freq 10): factors set at step 0
+        before = torch.cat([layer.weight, layer.bias[:, None]], 1).detach().clone()
+        opt.zero_grad()
+        nn.functional.mse_loss(layer(x), torch.ones(9, 3, dtype=torch.float64)).backward()
+        grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).numpy().copy()
+        opt.step()
+        after = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
+        np.testing.assert_allclose((before - after).numpy() / 0.1,
+                                   dense_direction(opt, layer, grad), rtol=1e-10)
+    assert opt.core.updates == 1
+
+
+class Scaler:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def get_scale(self):
+        return self.scale
+
+
+def test_amp_loss_scale_is_undone():
+    """A loss scaled by 1024 (gradients unscaled before the step, as GradScaler does)
+    gives the same factors as the unscaled loss."""
+    results = []
+    for scale in (1.0, 1024.0):
+        model = make_model("mlp", hidden=16, dtype=torch.float64)
+        opt = ht.MKOR(model, SERIAL, lr=0.1, grad_scaler=Scaler(scale))
+        data = digits(dtype=torch.float64)
+        loss = nn.functional.cross_entropy(model(data["train_x"][:32]), data["train_y"][:32])
+        (loss * scale).backward()
+        for p in model.parameters():
+            p.grad /= scale
+        opt.step()
+        results.append([f.matrix() for pair in opt.core.factors.values() for f in pair])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+def test_skipped_and_unused_layers():
+    torch.manual_seed(3)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    net = Net().double()
+    opt = ht.MKOR(net, SERIAL, lr=0.1, skip_layers=["he.*"])
+    assert opt.capture.names == ["body", "unused"] and opt.capture.skipped == ["head"]
+    x = torch.randn(6, 4, dtype=torch.float64)
+    net(x).sum().backward()
+    head_grad = net.head.weight.grad.clone()
+    with pytest.warns(RuntimeWarning, match="unused"):
+        opt.step()
+    assert opt.core.missing == {1: 1}
+    # The skipped layer took a plain SGD step with its own gradient (momentum buffer = grad).
+    torch.testing.assert_close(opt.inner.state[net.head.weight]["momentum_buffer"], head_grad)
+    assert net.unused.weight.grad is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once, not at every update step
+        for _ in range(11):
+            opt.zero_grad()
+            net(x).sum().backward()
+            opt.step()
+
+
+def train_steps(opt, model, data, steps, start=0, hybrid=False):
+    for k in range(start, start + steps):
+        rows = slice(32 * k % 1300, 32 * k % 1300 + 32)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(data["train_x"][rows]), data["train_y"][rows])
+        loss.backward()
+        opt.step(loss=loss.item()) if hybrid else opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "lamb"])
+def test_state_dict_round_trip_continues_bitwise(dtype, kind):
+    data = digits(dtype=dtype)
+    options = {"optimizer": kind, "lr": 0.01 if kind != "sgd" else 0.05, "inv_freq": 3,
+               "hybrid": True, "hybrid_window": 4}
+    straight = make_model("cnn", dtype=dtype)
+    opt = ht.MKOR(straight, SERIAL, **options)
+    train_steps(opt, straight, data, 14, hybrid=True)
+
+    first = make_model("cnn", dtype=dtype)
+    opt1 = ht.MKOR(first, SERIAL, **options)
+    train_steps(opt1, first, data, 8, hybrid=True)
+    saved = copy.deepcopy((first.state_dict(), opt1.state_dict()))
+    resumed = make_model("cnn", seed=7, dtype=dtype)
+    resumed.load_state_dict(saved[0])
+    opt2 = ht.MKOR(resumed, SERIAL, **options)
+    opt2.load_state_dict(saved[1])
+    train_steps(opt2, resumed, data, 6, start=8, hybrid=True)
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt2.switch.switched_at == opt.switch.switched_at
+
+
+def test_hybrid_switch_stops_the_factor_work():
+    model = make_model("mlp", hidden=16)
+    opt = ht.MKOR(model, SERIAL, lr=0.05, inv_freq=2, hybrid=True, hybrid_window=3)
+    data = digits()
+    for k in range(20):  # a constant reported loss: a plateau from the start
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(data["train_x"][:16]), data["train_y"][:16]).backward()
+        opt.step(loss=1.0)
+        if k == 5:
+            assert opt.switch.switched_at == 6 and opt.core.updates == 3
+    assert opt.core.updates == 3 and not opt.capture.active
+
+
+def test_bad_input():
+    model = make_model("mlp", hidden=8)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        ht.MKOR(model, SERIAL, optimizer="rmsprop")
+    with pytest.raises(TypeError, match="one dtype"):
+        ht.MKOR(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double()), SERIAL)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ht.MKOR(nn.Linear(2, 2).half(), SERIAL)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        ht.MKOR(nn.Sequential(nn.ReLU()), SERIAL)
+    with pytest.raises(ValueError, match="placement"):
+        ht.MKOR(model, SERIAL, placement="somewhere")
+    opt = ht.MKOR(model, SERIAL, hybrid=True)
+    with pytest.raises(ValueError, match="loss"):
+        opt.step()
+    with pytest.raises(TypeError, match="closure"):
+        opt.step(lambda: 0.0)
+    other = ht.MKOR(make_model("cnn"), SERIAL)
+    with pytest.raises(ValueError, match="layers"):
+        other.load_state_dict(ht.MKOR(make_model("mlp", hidden=8), SERIAL).state_dict())
+    with pytest.raises(ValueError, match="not an hpcqn.torch.MKOR"):
+        other.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+
+
+def test_scheduler_drives_the_inner_optimizer():
+    model = make_model("mlp", hidden=8)
+    opt = ht.MKOR(model, SERIAL, optimizer="adam", lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    data = digits()
+    nn.functional.cross_entropy(model(data["train_x"][:8]), data["train_y"][:8]).backward()
+    opt.step()
+    scheduler.step()
+    assert opt.inner.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_layer_capture_reports_grouped_convolutions():
+    capture = LayerCapture(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Linear(4, 2)))
+    assert capture.unsupported == ["0"] and capture.names == ["1"]
