@@ -56,7 +56,7 @@ else:  # pragma: no cover - Python 3.10
 JOB_KINDS = ("minimize", "stochastic", "torch")
 SECTIONS = {"job": {"kind", "name", "description"}, "problem": None, "options": None,
             "train": {"epochs", "batch_size", "lr_schedule", "target_gap", "seed",
-                      "target_accuracy", "dtype"},
+                      "target_accuracy", "target_loss", "dtype"},
             "model": {"name", "hidden"}, "methods": None}
 
 
@@ -138,7 +138,13 @@ def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"hpcqn run: job {config['job']['name']!r}: digits {name} on {c.size} rank(s), "
               f"batch {train_options.get('batch_size', 64)}; metrics in {run_dir}/", flush=True)
-    target = float(train_options.get("target_accuracy", 0.95))
+    # The target: test accuracy for the classifiers, training loss for the autoencoder.
+    if name == "autoencoder":
+        metric, target = "train_loss", float(train_options.get("target_loss", 0.02))
+        reached_target = lambda r: r["train_loss"] <= target  # noqa: E731
+    else:
+        metric, target = "test_accuracy", float(train_options.get("target_accuracy", 0.95))
+        reached_target = lambda r: r["test_accuracy"] >= target  # noqa: E731
     results: dict[str, Any] = {}
     for method, options in methods.items():
         try:
@@ -151,20 +157,23 @@ def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
         except (TypeError, ValueError) as exc:
             raise JobError(f"{path}: method {method!r}: {exc}") from exc
         records = out["records"]
-        reached = next((r for r in records if r["test_accuracy"] >= target), None)
+        reached = next((r for r in records if reached_target(r)), None)
         results[method] = {"epochs": records,
                            "epochs_to_target": reached["epoch"] if reached else None,
                            "seconds_to_target": reached["seconds"] if reached else None}
     if c.rank == 0:
-        print(f"hpcqn run: done (target test accuracy {target}):", flush=True)
+        print(f"hpcqn run: done (target {metric.replace('_', ' ')} {target}):", flush=True)
         for method, result in results.items():
             last = result["epochs"][-1]
             reached = (f"target at epoch {result['epochs_to_target']} "
                        f"({result['seconds_to_target']:.2f} s)"
                        if result["epochs_to_target"] else "target not reached")
-            print(f"  {method:7s} train loss {last['train_loss']:.5f}  test accuracy "
-                  f"{last['test_accuracy']:.4f}  {last['seconds']:.2f} s  {reached}", flush=True)
+            test = ("test loss {:.5f}".format(last["test_loss"]) if "test_loss" in last
+                    else "test accuracy {:.4f}".format(last["test_accuracy"]))
+            print(f"  {method:7s} train loss {last['train_loss']:.5f}  {test}  "
+                  f"{last['seconds']:.2f} s  {reached}", flush=True)
     return {"job": config["job"]["name"], "model": name, "ranks": c.size, "target": target,
+            "target_metric": metric,
             "methods": results, "status": 0}
 
 

@@ -79,6 +79,9 @@ def test_shipped_job_files_are_valid():
     for name in ("logreg_mlbfgs", "digits_mlp", "digits_cnn"):
         config = load_job(ROOT / "jobs" / f"{name}.toml")
         assert set(config["methods"]) == {"mlbfgs", "sgd", "adam"}
+    for name in ("digits_mkor", "digits_autoencoder"):
+        config = load_job(ROOT / "jobs" / f"{name}.toml")
+        assert set(config["methods"]) == {"mkor", "mkor_h", "sgd", "adam"}
 
 
 @needs_mpiexec
@@ -160,3 +163,31 @@ def test_torch_job_under_mpiexec_writes_metrics(tmp_path):
         assert out.stdout.count(f"{method:7s} epoch") == 2  # rank 0 only
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["ranks"] == 2 and set(summary["methods"]) == {"mlbfgs", "sgd", "adam"}
+
+
+@needs_mpiexec
+def test_autoencoder_mkor_job_under_mpiexec(tmp_path):
+    """The MKOR job on the autoencoder: a training-loss target, test loss per epoch, and
+    MKOR-H's switch step in its metrics (a threshold that switches at once here)."""
+    pytest.importorskip("torch")
+    text = (ROOT / "jobs" / "digits_autoencoder.toml").read_text()
+    text = text.replace("epochs = 20", "epochs = 3").replace("target_loss = 0.03",
+                                                             "target_loss = 0.09")
+    text = text.replace("hybrid_window = 40", "hybrid_window = 5").replace(
+        "hybrid_threshold = 0.1", "hybrid_threshold = 10.0")
+    job = tmp_path / "short_autoencoder.toml"
+    job.write_text(text)
+    out = hpcqn("run", str(job), "--output", str(tmp_path / "run" / "summary.json"), ranks=2)
+    assert out.returncode == 0, out.stderr
+    assert "MKOR-H: switched to the first-order optimizer after step 10" in out.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["target_metric"] == "train_loss"
+    for method in ("mkor", "mkor_h", "sgd", "adam"):
+        records = [json.loads(line)
+                   for line in (tmp_path / "run" / f"{method}.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records] == [1, 2, 3]
+        assert 0 < records[-1]["test_loss"] < 0.2
+        assert summary["methods"][method]["epochs_to_target"] is not None
+    assert records[-1]["train_loss"] < 0.09
+    mkor_h = (tmp_path / "run" / "mkor_h.jsonl").read_text().splitlines()
+    assert json.loads(mkor_h[-1])["switched_at_step"] == 10

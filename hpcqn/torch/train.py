@@ -1,6 +1,8 @@
-"""Training jobs for torch models: scikit-learn's digits with an MLP or a small CNN,
-trained data-parallel with mL-BFGS (:class:`hpcqn.torch.MLBFGS`) or torch's SGD/Adam
-with :func:`average_gradients`, from the same initial model on the same batches."""
+"""Training jobs for torch models on scikit-learn's digits: an MLP or a small CNN
+(classification) or an autoencoder (reconstruction), trained data-parallel with mL-BFGS
+(:class:`hpcqn.torch.MLBFGS`), MKOR / MKOR-H (:class:`hpcqn.torch.MKOR`, which average
+gradients themselves) or torch's SGD/Adam with :func:`average_gradients`, from the same
+initial model on the same batches."""
 
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ from torch import nn
 
 from ..comm import Communicator
 from .data import GlobalBatches, average_gradients, broadcast_parameters
+from .mkor import MKOR
 from .optim import MLBFGS
 
-MODELS = ("mlp", "cnn")
-METHODS = ("mlbfgs", "sgd", "adam")
+MODELS = ("mlp", "cnn", "autoencoder")
+METHODS = ("mlbfgs", "mkor", "mkor_h", "sgd", "adam")
+SELF_AVERAGING = ("mlbfgs", "mkor", "mkor_h")  # average (or reduce-scatter) gradients inside
 
 
 def digits(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -39,7 +43,8 @@ def digits(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch
 def make_model(name: str, hidden: int = 128, seed: int = 0,
                dtype: torch.dtype = torch.float32) -> nn.Module:
     """``mlp``: 64 -> hidden -> hidden -> 10 (ReLU); ``cnn``: two 3x3 convolutions (16,
-    32 channels) and a linear classifier."""
+    32 channels) and a linear classifier; ``autoencoder``: 64 -> hidden -> 16 -> hidden
+    -> 64 (tanh, sigmoid output)."""
     torch.manual_seed(seed)
     if name == "mlp":
         model = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
@@ -48,6 +53,10 @@ def make_model(name: str, hidden: int = 128, seed: int = 0,
         model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
                               nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                               nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+    elif name == "autoencoder":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.Tanh(),
+                              nn.Linear(hidden, 16), nn.Tanh(), nn.Linear(16, hidden), nn.Tanh(),
+                              nn.Linear(hidden, 64), nn.Sigmoid())
     else:
         raise ValueError(f"unknown model {name!r}; known: {MODELS}")
     return model.to(dtype)
@@ -58,6 +67,8 @@ def make_optimizer(method: str, model: nn.Module, comm: Communicator,
     options = dict(options)
     if method == "mlbfgs":
         return MLBFGS(model.parameters(), comm, **options)
+    if method in ("mkor", "mkor_h"):
+        return MKOR(model, comm, hybrid=method == "mkor_h", **options)
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), **options)
     if method == "adam":
@@ -67,13 +78,27 @@ def make_optimizer(method: str, model: nn.Module, comm: Communicator,
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")
 
 
-def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(mean training loss, test accuracy) over the whole sets."""
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reconstruct: bool) -> Any:
+    """Cross-entropy for the classifiers; mean squared reconstruction error (of the
+    flattened images) for the autoencoder."""
+    if reconstruct:
+        return nn.functional.mse_loss(model(x), x.reshape(x.shape[0], -1))
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def evaluate(model: nn.Module, data: dict[str, torch.Tensor],
+             reconstruct: bool = False) -> dict[str, float]:
+    """Mean training loss and the test metric (accuracy; for the autoencoder, test loss)
+    over the whole sets."""
     with torch.no_grad():
-        loss = nn.functional.cross_entropy(model(data["train_x"]), data["train_y"])
-        predicted = model(data["test_x"]).argmax(dim=1)
-        accuracy = (predicted == data["test_y"]).double().mean()
-    return float(loss), float(accuracy)
+        result = {"train_loss": float(loss_of(model, data["train_x"], data["train_y"],
+                                              reconstruct))}
+        if reconstruct:
+            result["test_loss"] = float(loss_of(model, data["test_x"], data["test_y"], True))
+        else:
+            predicted = model(data["test_x"]).argmax(dim=1)
+            result["test_accuracy"] = float((predicted == data["test_y"]).double().mean())
+    return result
 
 
 def train(
@@ -103,30 +128,36 @@ def train(
     seconds = 0.0
     if metrics_path is not None and comm.rank == 0:
         metrics_path.write_text("")
+    reconstruct = model_name == "autoencoder"
     for epoch in range(epochs):
         batches.set_epoch(epoch)
         started = time.perf_counter()
         for rows, weight in batches:
             index = torch.as_tensor(rows)
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(data["train_x"][index]),
-                                               data["train_y"][index]) * weight
+            loss = loss_of(model, data["train_x"][index], data["train_y"][index],
+                           reconstruct) * weight
             loss.backward()
-            if method != "mlbfgs":
+            if method not in SELF_AVERAGING:
                 average_gradients(model.parameters(), comm)
-            optimizer.step()
+            if method == "mkor_h":
+                optimizer.step(loss=loss.item())
+            else:
+                optimizer.step()
         if scheduler is not None:
             scheduler.step()
         seconds += time.perf_counter() - started
-        train_loss, accuracy = evaluate(model, data)
-        record = {"method": method, "epoch": epoch + 1, "train_loss": train_loss,
-                  "test_accuracy": accuracy, "seconds": seconds,
-                  "steps": (epoch + 1) * len(batches)}
+        record = {"method": method, "epoch": epoch + 1, **evaluate(model, data, reconstruct),
+                  "seconds": seconds, "steps": (epoch + 1) * len(batches)}
+        if method == "mkor_h":
+            record["switched_at_step"] = optimizer.switch.switched_at
         records.append(record)
         if comm.rank == 0:
             if log:
-                print(f"{method:7s} epoch {epoch + 1:3d}: train loss {train_loss:.5f}  "
-                      f"test accuracy {accuracy:.4f}  {seconds:7.2f} s", flush=True)
+                metric = (f"test loss {record['test_loss']:.5f}" if reconstruct
+                          else f"test accuracy {record['test_accuracy']:.4f}")
+                print(f"{method:7s} epoch {epoch + 1:3d}: train loss {record['train_loss']:.5f}"
+                      f"  {metric}  {seconds:7.2f} s", flush=True)
             if metrics_path is not None:
                 with metrics_path.open("a") as stream:
                     stream.write(json.dumps(record) + "\n")
