@@ -109,6 +109,48 @@ def all_finite(a: Any) -> bool:
     return bool(xp.isfinite(flat).all())
 
 
+SYMMETRIZE_TILE = 128  # tiles of a transposed copy that stay in cache
+
+
+def symmetrize(x: Any) -> Any:
+    """``x = (x + x^T) / 2`` in place for a square matrix. For NumPy in cache-sized tiles:
+    a whole-matrix transposed copy is many times slower (strided, and conflict misses at
+    power-of-two sizes)."""
+    if not isinstance(x, np.ndarray):
+        x += x.T.copy()
+        x *= 0.5
+        return x
+    d, t = x.shape[0], SYMMETRIZE_TILE
+    for i in range(0, d, t):
+        block = x[i : i + t, i : i + t]
+        block += block.T.copy()
+        block *= 0.5
+        for j in range(i + t, d, t):
+            upper, lower = x[i : i + t, j : j + t], x[j : j + t, i : i + t]
+            upper += lower.T
+            upper *= 0.5
+            lower[...] = upper.T
+    return x
+
+
+def rank1_update(x: Any, alpha: float, u: Any) -> Any:
+    """``x += alpha u u^T`` in place (BLAS ``ger`` for contiguous NumPy float32/float64,
+    one pass and no ``d x d`` temporary; the namespace's outer product otherwise)."""
+    if (isinstance(x, np.ndarray) and x.dtype in (np.float32, np.float64)
+            and x.flags.c_contiguous and u.dtype == x.dtype):
+        from scipy.linalg import blas
+
+        ger = blas.dger if x.dtype == np.float64 else blas.sger
+        # x^T is Fortran-ordered, as BLAS wants; u u^T is symmetric, so updating x^T is
+        # updating x.
+        result = ger(alpha, u, u, a=x.T, overwrite_a=1)
+        if not np.shares_memory(result, x):  # pragma: no cover - BLAS copied
+            x[...] = result.T
+        return x
+    x += alpha * namespace(x).outer(u, u)
+    return x
+
+
 AXPY_BLAS_MIN = 1 << 16  # below this, a BLAS call costs more than the temporary
 
 

@@ -127,3 +127,22 @@ def test_all_finite(dtype):
     assert all_finite(big)
     big[3] = np.inf
     assert not all_finite(big)
+
+
+@pytest.mark.parametrize("d", [1, 127, 128, 300])  # tile edges and a ragged last tile
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_symmetrize_and_rank1_update(d, dtype):
+    from hpcqn.backend import rank1_update, symmetrize
+
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((d, d)).astype(dtype)
+    expected = (x + x.T) * dtype(0.5)
+    np.testing.assert_array_equal(symmetrize(x), expected)
+    u = rng.standard_normal(d).astype(dtype)
+    reference = x.astype(np.float64) - 0.3 * np.outer(u, u)
+    assert rank1_update(x, -0.3, u) is x  # in place (BLAS ger)
+    np.testing.assert_allclose(x, reference, rtol=1e-5 if dtype == np.float32 else 1e-13,
+                               atol=1e-5 if dtype == np.float32 else 1e-13)
+    strided = np.zeros((2 * d, d), dtype=dtype)[::2]  # not contiguous: the generic path
+    rank1_update(strided, 2.0, u)
+    np.testing.assert_allclose(strided, 2.0 * np.outer(u, u), rtol=1e-6)

@@ -11,8 +11,9 @@ inverse::
 which stays symmetric positive definite for ``0 < gam < 1`` (the paper's printed formula
 and the released code differ from this; see ALGORITHMS.md). Before the update the
 norm-based stabiliser pulls ``X`` towards the identity when ``max|X| > eps_stab``:
-``X = zeta X + (1 - zeta) I``. Cost: two matrix-vector passes over ``X``, against the
-``O(d^3)`` inversion of K-FAC.
+``X = zeta X + (1 - zeta) I``. Cost: ``O(d^2)``, a few passes over ``X`` (a
+matrix-vector product, a scaling, a rank-1 update, the symmetrisation), against the
+``O(d^3)`` inversion or eigendecomposition of K-FAC.
 
 Storage may be float16 or bfloat16 (half the memory); arithmetic is then float32.
 bfloat16 is kept as its raw 16 bits in a ``uint16`` array, so it works wherever the
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import namespace, to_host
+from ..backend import namespace, rank1_update, symmetrize, to_host
 
 STORAGE = ("float32", "float64", "float16", "bfloat16")
 
@@ -46,27 +47,45 @@ def from_bfloat16_bits(b: Any) -> Any:
     return (b.astype(xp.uint32) << xp.uint32(16)).view(xp.float32)
 
 
+def _diagonal(x: Any) -> Any:
+    return x.reshape(-1)[:: x.shape[0] + 1]  # a view of the diagonal
+
+
 def stabilise(x: Any, eps_stab: float, zeta: float) -> bool:
     """``X = zeta X + (1 - zeta) I`` in place when ``max|X| > eps_stab``; returns whether
-    it did."""
+    it did. ``X`` is SPD, so its largest entry in absolute value is on the diagonal
+    (``|X_ij| <= sqrt(X_ii X_jj)``): the test reads ``d`` numbers, not ``d^2``."""
     xp = namespace(x)
-    if not float(xp.max(xp.abs(x))) > eps_stab:
+    if not float(xp.max(_diagonal(x))) > eps_stab:
         return False
     x *= zeta
-    diagonal = x.reshape(-1)[:: x.shape[0] + 1]  # a view of the diagonal
-    diagonal += 1.0 - zeta
+    _diagonal(x)[...] += 1.0 - zeta
     return True
 
 
-def sherman_morrison(x: Any, v: Any, gam: float) -> None:
-    """``X = inv(gam inv(X) + (1 - gam) v v^T)`` in place, then symmetrised."""
+def sherman_morrison(x: Any, v: Any, gam: float, eps_stab: float = math.inf,
+                     zeta: float = 0.9) -> bool:
+    """The stabiliser (when ``max|X| > eps_stab``), then
+    ``X = inv(gam inv(X) + (1 - gam) v v^T)``, in place, then symmetrised; returns whether
+    the stabiliser fired. Fused: with ``X' = s X + t I`` (``s, t = zeta, 1 - zeta`` when the
+    stabiliser fires, else ``1, 0``), ``u = X' v = s (X v) + t v`` and
+    ``X_new = (s / gam) X + (t / gam) I - c u u^T``: one matrix-vector product, one
+    scaling pass, one rank-1 pass and the symmetrisation."""
     xp = namespace(x)
+    fired = float(xp.max(_diagonal(x))) > eps_stab
     u = x @ v
+    scale = 1.0
+    if fired:
+        u *= zeta
+        u += (1.0 - zeta) * v
+        scale = zeta
     denominator = gam + (1.0 - gam) * float(v @ u)
-    x -= ((1.0 - gam) / denominator) * xp.outer(u, u)
-    x *= 1.0 / gam
-    x += x.T.copy()
-    x *= 0.5
+    x *= scale / gam
+    if fired:
+        _diagonal(x)[...] += (1.0 - zeta) / gam
+    rank1_update(x, -(1.0 - gam) / (gam * denominator), u)
+    symmetrize(x)
+    return fired
 
 
 class FactorInverse:
@@ -98,8 +117,7 @@ class FactorInverse:
         stabiliser fired."""
         x = self.matrix()  # the stored array itself when no conversion is needed
         v = v.astype(self.compute_dtype, copy=False)
-        fired = stabilise(x, eps_stab, zeta)
-        sherman_morrison(x, v, gam)
+        fired = sherman_morrison(x, v, gam, eps_stab, zeta)
         if x is not self.stored:
             self.stored = self._encode(x)
         self.stabilised += int(fired)
