@@ -233,3 +233,16 @@ def test_scheduler_drives_the_inner_optimizer():
 def test_layer_capture_reports_grouped_convolutions():
     capture = LayerCapture(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Linear(4, 2)))
     assert capture.unsupported == ["0"] and capture.names == ["1"]
+
+
+def test_lamb_first_step_closed_form():
+    """Step 1 from zero state: m_hat = g, v_hat = g^2, r = g / (|g| + eps) + wd p, and
+    p -= lr ||p|| / ||r|| r."""
+    p = torch.nn.Parameter(torch.tensor([3.0, -4.0, 0.5], dtype=torch.float64))
+    g = torch.tensor([0.2, 0.1, -2.0], dtype=torch.float64)
+    p.grad = g.clone()
+    ht.LAMB([p], lr=0.1, eps=1e-6, weight_decay=0.01).step()
+    p0 = torch.tensor([3.0, -4.0, 0.5], dtype=torch.float64)
+    r = g / (g.abs() + 1e-6) + 0.01 * p0
+    expected = p0 - 0.1 * (p0.norm() / r.norm()) * r
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
