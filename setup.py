@@ -19,6 +19,7 @@ setup(
     install_requires=[
         "numpy>=1.24",
         "scipy>=1.10",
+        "h5py>=3.6",
         "threadpoolctl>=3.1",
         "tomli>=1.1; python_version < '3.11'",
     ],

@@ -270,6 +270,13 @@ class Communicator:
             return obj
         return self.mpi_comm.bcast(obj, root=root)
 
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Every rank's small Python object (a file name, a digest), in rank order."""
+        self._count("allgather", 0)
+        if not self._parallel:
+            return [obj]
+        return list(self.mpi_comm.allgather(obj))
+
     # -- agreement -----------------------------------------------------------------
     def allreduce_scalars(
         self,
