@@ -1,7 +1,9 @@
 """The ``hpcqn`` command line: ``hpcqn info`` and ``hpcqn run JOB.toml``.
 
 Exit codes: 0 success, 1 the job ran but did not converge (status != 0), 2 bad
-input (job file, options).
+input (job file, options, a checkpoint that does not fit, a Slurm task-count mismatch),
+3 stopped by SIGUSR1/SIGTERM after writing a checkpoint (run the same command again to
+resume; the ``slurm/`` templates requeue the job).
 """
 
 from __future__ import annotations
@@ -92,19 +94,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a job file (jobs/*.toml) on every rank")
     run.add_argument("job", help="path to a job TOML file")
     run.add_argument("--output", help="write the summary as JSON here (rank 0); torch jobs "
-                     "write their per-method metrics files next to it")
+                     "keep their run directory (metrics, checkpoints) next to it")
+    run.add_argument("--fresh", action="store_true",
+                     help="ignore existing checkpoints (default: resume from the latest)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    from .checkpoint import CheckpointError
+    from .comm import RemoteRankError, get_comm
     from .jobs import JobError, run_job
+    from .signals import EXIT_PREEMPTED, StopFlag
 
+    problem = slurm_mismatch(get_comm().size)
+    if problem:
+        print(f"hpcqn run: error: {problem}", file=sys.stderr, flush=True)
+        return 2
     limit_threads()
     try:
-        summary = run_job(args.job, output=args.output)
-    except JobError as exc:
+        with StopFlag() as stop:
+            summary = run_job(args.job, output=args.output, fresh=args.fresh, stop=stop)
+    except (JobError, CheckpointError) as exc:
         print(f"hpcqn run: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except RemoteRankError as exc:
+        if "CheckpointError" in str(exc) or "JobError" in str(exc):
+            return 2  # the failing rank printed it
+        raise
+    if summary["status"] == EXIT_PREEMPTED:
+        return EXIT_PREEMPTED
     return 0 if summary["status"] == 0 else 1
+
+
+def slurm_mismatch(size: int) -> str | None:
+    """Under Slurm, the task count of the step (or job) must be the communicator's size:
+    ``python`` started by ``sbatch`` without ``srun`` is one process per task, each a
+    singleton MPI world that would run the whole job alone. ``HPCQN_IGNORE_SLURM=1``
+    skips the check."""
+    import os
+
+    if os.environ.get("HPCQN_IGNORE_SLURM") == "1":
+        return None
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
+    if not tasks or not tasks.isdigit() or int(tasks) == size:
+        return None
+    return (f"Slurm runs this with {tasks} task(s) but the MPI world has {size} rank(s): "
+            f"launch with 'srun hpcqn run ...' (or mpiexec inside the allocation), not "
+            f"'python'/'hpcqn' alone; mpi4py must be built against Slurm's MPI. Set "
+            f"HPCQN_IGNORE_SLURM=1 to skip this check.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,6 +35,7 @@ Unknown sections or keys are errors, raised before any work starts.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ from .comm import Communicator, get_comm
 from .layout import BlockLayout
 from .minimize import minimize, parse_options
 from .problems import DigitsSoftmax, make_problem
+from .signals import EXIT_PREEMPTED, Preempted
 from .stochastic import make_optimizer, minimize_stochastic
 
 if sys.version_info >= (3, 11):
@@ -56,7 +58,7 @@ else:  # pragma: no cover - Python 3.10
 JOB_KINDS = ("minimize", "stochastic", "torch")
 SECTIONS = {"job": {"kind", "name", "description"}, "problem": None, "options": None,
             "train": {"epochs", "batch_size", "lr_schedule", "target_gap", "seed",
-                      "target_accuracy", "target_loss", "dtype"},
+                      "target_accuracy", "target_loss", "dtype", "checkpoint_every"},
             "model": {"name", "hidden"}, "methods": None}
 
 
@@ -91,14 +93,18 @@ def load_job(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None) -> dict[str, Any]:
+def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None,
+            fresh: bool = False, stop: Any = None) -> dict[str, Any]:
     """Run a job on every rank of ``comm``; rank 0 prints progress and a summary and,
-    with ``output``, writes the summary as JSON. Returns the summary."""
+    with ``output``, writes the summary as JSON. Returns the summary. Torch jobs
+    checkpoint into their run directory and resume from it unless ``fresh``; with
+    ``stop`` (a :class:`hpcqn.signals.StopFlag`) a signal ends them at a step boundary
+    with a checkpoint (summary status :data:`hpcqn.signals.EXIT_PREEMPTED`)."""
     config = load_job(path)
     c: Communicator = get_comm(comm)
     kind = config["job"]["kind"]
     if kind == "torch":
-        summary = _run_torch(path, config, c, output)
+        summary = _run_torch(path, config, c, output, fresh, stop)
     elif kind == "stochastic":
         summary = _run_stochastic(path, config, c)
     else:
@@ -110,9 +116,11 @@ def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None
 
 
 def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
-               output: str | Path | None) -> dict[str, Any]:
-    """Train the digits model once per method; per-epoch lines on rank 0 and one metrics
-    file (JSON lines) per method next to ``output`` (default ``runs/<job name>/``)."""
+               output: str | Path | None, fresh: bool = False,
+               stop: Any = None) -> dict[str, Any]:
+    """Train the digits model once per method; per-epoch lines on rank 0; in the run
+    directory (next to ``output``, default ``runs/<job name>/``) a copy of the job file,
+    one metrics file (JSON lines) per method and ``checkpoints/<method>/``."""
     try:
         import torch
 
@@ -136,8 +144,12 @@ def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
     run_dir = Path(output).parent if output else Path("runs") / config["job"]["name"]
     if c.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "job.toml").write_text(Path(path).read_text())
+        if fresh:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         print(f"hpcqn run: job {config['job']['name']!r}: digits {name} on {c.size} rank(s), "
               f"batch {train_options.get('batch_size', 64)}; metrics in {run_dir}/", flush=True)
+    c.barrier()
     # The target: test accuracy for the classifiers, training loss for the autoencoder.
     if name == "autoencoder":
         metric, target = "train_loss", float(train_options.get("target_loss", 0.02))
@@ -153,7 +165,16 @@ def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
                         seed=int(train_options.get("seed", 0)), dtype=dtype,
                         lr_schedule=train_options.get("lr_schedule", "constant"),
                         metrics_path=run_dir / f"{method}.jsonl",
-                        hidden=int(model.get("hidden", 128)))
+                        hidden=int(model.get("hidden", 128)),
+                        checkpoint_dir=run_dir / "checkpoints" / method,
+                        checkpoint_every=int(train_options.get("checkpoint_every", 0)),
+                        stop=stop)
+        except Preempted as exc:
+            if c.rank == 0:
+                print(f"hpcqn run: {method}: {exc}; run the same command to resume "
+                      f"(exit {EXIT_PREEMPTED})", flush=True)
+            return {"job": config["job"]["name"], "model": name, "ranks": c.size,
+                    "status": EXIT_PREEMPTED, "stopped_in": method, "step": exc.step}
         except (TypeError, ValueError) as exc:
             raise JobError(f"{path}: method {method!r}: {exc}") from exc
         records = out["records"]

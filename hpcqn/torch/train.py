@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import checkpoint
 from ..comm import Communicator
+from ..signals import Preempted, StopFlag
 from .data import GlobalBatches, average_gradients, broadcast_parameters
 from .mkor import MKOR
 from .optim import MLBFGS
@@ -101,6 +103,16 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor],
     return result
 
 
+def _rng_state() -> dict[str, Any]:
+    """torch's generator (the batch order comes from GlobalBatches, a NumPy generator
+    seeded by the run's seed and the epoch, so it needs no saved state)."""
+    return {"torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+
+
 def train(
     method: str,
     comm: Communicator,
@@ -114,9 +126,25 @@ def train(
     metrics_path: Path | None = None,
     log: bool = True,
     hidden: int = 128,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 0,
+    keep: int = 2,
+    resume: bool = True,
+    stop: StopFlag | None = None,
 ) -> dict[str, Any]:
     """Train one model with one method; rank 0 prints a line per epoch and writes one
-    JSON line per epoch to ``metrics_path``. Returns the per-epoch records."""
+    JSON line per epoch to ``metrics_path``. Returns the per-epoch records.
+
+    With ``checkpoint_dir``: a checkpoint at the end of every epoch (and every
+    ``checkpoint_every`` steps when positive) holding the model, the optimizer, the
+    scheduler, the position in the data, the RNG states, the records and the
+    configuration; with ``resume`` a run continues from the latest one there (on any rank
+    count), and a different configuration is an error. With ``stop`` (a
+    :class:`hpcqn.signals.StopFlag`), the ranks agree after every step whether any of them
+    was signalled; if so they checkpoint and raise :class:`hpcqn.signals.Preempted`."""
+    config = {"method": method, "model": model_name, "options": dict(options or {}),
+              "epochs": int(epochs), "batch_size": int(batch_size), "seed": int(seed),
+              "dtype": str(dtype), "lr_schedule": lr_schedule, "hidden": int(hidden)}
     data = digits(seed, dtype)
     model = make_model(model_name, hidden, seed, dtype)
     broadcast_parameters(model, comm)
@@ -125,14 +153,44 @@ def train(
                  if lr_schedule == "cosine" else None)
     batches = GlobalBatches(data["train_y"].numel(), batch_size, comm, seed=seed)
     records: list[dict[str, Any]] = []
-    seconds = 0.0
+    seconds, step, first_epoch, skip = 0.0, 0, 0, 0
+    if checkpoint_dir is not None and resume and checkpoint.latest(checkpoint_dir):
+        saved = checkpoint.load(checkpoint_dir, comm)
+        state = saved.state()
+        if state["config"] != json.loads(json.dumps(config)):
+            raise checkpoint.CheckpointError(
+                f"{saved.path}: saved for {state['config']}, not for this run {config}; "
+                f"remove the checkpoints or start fresh")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        records, seconds, step = list(state["records"]), float(state["seconds"]), state["step"]
+        first_epoch, skip = int(state["epoch"]), int(state["batch"])
+        if comm.rank == 0 and log:
+            print(f"{method:7s} resumed from {saved.path} (step {step}, saved on "
+                  f"{saved.nranks} rank(s))", flush=True)
+
+    def save(epoch: int, batch: int) -> None:
+        state = {"config": config, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "epoch": epoch, "batch": batch, "step": step, "seconds": seconds,
+                 "records": records, "rng": _rng_state()}
+        checkpoint.save(checkpoint_dir, state, comm, step=step, keep=keep,
+                        meta={"method": method, "epoch": epoch, "batch": batch})
+
     if metrics_path is not None and comm.rank == 0:
-        metrics_path.write_text("")
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     reconstruct = model_name == "autoencoder"
-    for epoch in range(epochs):
+    preempted = False
+    for epoch in range(first_epoch, epochs):
         batches.set_epoch(epoch)
         started = time.perf_counter()
-        for rows, weight in batches:
+        for batch, (rows, weight) in enumerate(batches):
+            if batch < skip:
+                continue  # done before the checkpoint this run resumed from
             index = torch.as_tensor(rows)
             optimizer.zero_grad()
             loss = loss_of(model, data["train_x"][index], data["train_y"][index],
@@ -144,11 +202,23 @@ def train(
                 optimizer.step(loss=loss.item())
             else:
                 optimizer.step()
+            step += 1
+            last = batch + 1 == len(batches)
+            signalled = stop is not None and stop.agreed(comm)
+            periodic = checkpoint_every > 0 and step % checkpoint_every == 0
+            if checkpoint_dir is not None and not last and (signalled or periodic):
+                seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                save(epoch, batch + 1)
+            if signalled and not last:
+                raise Preempted(step, stop.signum if stop is not None else None)
+            preempted = signalled  # on the epoch's last step: after its checkpoint
+        skip = 0
         if scheduler is not None:
             scheduler.step()
         seconds += time.perf_counter() - started
         record = {"method": method, "epoch": epoch + 1, **evaluate(model, data, reconstruct),
-                  "seconds": seconds, "steps": (epoch + 1) * len(batches)}
+                  "seconds": seconds, "steps": step}
         if method == "mkor_h":
             record["switched_at_step"] = optimizer.switch.switched_at
         records.append(record)
@@ -161,4 +231,8 @@ def train(
             if metrics_path is not None:
                 with metrics_path.open("a") as stream:
                     stream.write(json.dumps(record) + "\n")
+        if checkpoint_dir is not None:
+            save(epoch + 1, 0)
+        if preempted and epoch + 1 < epochs:
+            raise Preempted(step, stop.signum if stop is not None else None)
     return {"records": records, "model": model, "optimizer": optimizer}
