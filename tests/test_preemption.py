@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import rank_pids
 
 pytest.importorskip("torch")
 
@@ -88,30 +89,6 @@ def job_file(tmp_path: Path, epochs: int) -> Path:
     job = tmp_path / "job.toml"
     job.write_text(text[:start])  # mL-BFGS only
     return job
-
-
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def rank_pids(launcher: subprocess.Popen) -> list[int]:
-    """The ``python -m hpcqn run`` processes that descend from ``launcher`` (mpiexec)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == launcher.pid:
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-            if command[1:4] != [b"-m", b"hpcqn", b"run"]:
-                continue
-            pid = int(entry.name)
-            while pid > 1 and pid != launcher.pid:
-                pid = _parent(pid)
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if pid == launcher.pid:
-            pids.append(int(entry.name))
-    return sorted(pids)
 
 
 @pytest.mark.timeout(600)

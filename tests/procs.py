@@ -1,0 +1,34 @@
+"""Finding the rank processes of an mpiexec launch (for tests that signal one rank)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def rank_pids(launcher: subprocess.Popen) -> list[int]:
+    """The ``hpcqn run`` rank processes that descend from ``launcher``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == launcher.pid:
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            # "python -m hpcqn run ..." or "python /.../bin/hpcqn run ..." (not mpiexec's)
+            is_python = b"python" in command[0].rsplit(b"/", 1)[-1]
+            runs_hpcqn = any((word == b"hpcqn" or word.endswith(b"/hpcqn")) and nxt == b"run"
+                             for word, nxt in zip(command, command[1:], strict=False))
+            if not (is_python and runs_hpcqn):
+                continue
+            pid = int(entry.name)
+            while pid > 1 and pid != launcher.pid:
+                pid = _parent(pid)
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if pid == launcher.pid:
+            pids.append(int(entry.name))
+    return sorted(pids)
