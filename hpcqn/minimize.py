@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from scipy.optimize import OptimizeResult
 
-from . import backend
+from . import backend, checkpoint
 from .comm import get_comm, serial_comm
 from .layout import gather_global
-from .optimizers.lbfgs import LBFGS, LBFGSOptions
+from .optimizers.lbfgs import LBFGS, LBFGSOptions, Persist
 
 METHODS = ("lbfgs",)
 
@@ -47,6 +48,11 @@ def minimize(
     method: str = "lbfgs",
     options: Mapping[str, Any] | None = None,
     callback: Callable[[OptimizeResult], Any] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    stop: Any = None,
+    resume: bool = True,
+    keep: int = 2,
 ) -> OptimizeResult:
     """Minimise ``sum over ranks of f_part`` with the distributed L-BFGS.
 
@@ -63,6 +69,12 @@ def minimize(
     callback : called on every rank after each iteration with an ``OptimizeResult``
         holding ``x`` (this rank's slice), ``fun``, ``jac`` and ``nit``; raising
         ``StopIteration`` on any rank stops all ranks cleanly (status 99).
+    checkpoint_dir : with it, the solver's state (this rank's x, g and history rows, the
+        Gram matrix, counters) is checkpointed every ``checkpoint_every`` iterations and
+        when ``stop`` (a :class:`hpcqn.signals.StopFlag`) reports a signal on any rank,
+        which then raises :class:`hpcqn.signals.Preempted`; with ``resume`` the run
+        continues bitwise from the latest checkpoint there (same rank count and slices,
+        same options: anything else is a :class:`hpcqn.checkpoint.CheckpointError`).
 
     Returns
     -------
@@ -81,7 +93,10 @@ def minimize(
         raise  # pragma: no cover - fail_setup always raises
 
     solver = LBFGS(fun, c, opts, callback=_scipy_style(callback))
-    out = solver.run(x0)
+    persist = None
+    if checkpoint_dir is not None:
+        persist = _persist(checkpoint_dir, c, opts, x0, checkpoint_every, stop, resume, keep)
+    out = solver.run(x0, persist)
     result = OptimizeResult(
         x=out.x, fun=out.f, jac=out.g, nit=out.nit, nfev=out.nfev, njev=out.nfev,
         status=out.status, success=out.status == 0, message=out.message,
@@ -99,6 +114,32 @@ def minimize(
             flush=True,
         )
     return result
+
+
+def _persist(directory: str | Path, c: Any, opts: LBFGSOptions, x0: Any, every: int,
+             stop: Any, resume: bool, keep: int) -> Persist:
+    config = {"options": repr(sorted((k, v) for k, v in vars(opts).items() if k != "disp")),
+              "n_local": int(x0.shape[0]), "dtype": str(x0.dtype), "nranks": c.size}
+
+    def save(nit: int, state: dict[str, Any]) -> None:
+        checkpoint.save(directory, {"config": config, "solver": state}, c, step=nit,
+                        keep=keep, meta={"kind": "minimize", "nit": nit})
+
+    resume_from = None
+    if resume and checkpoint.latest(directory) is not None:
+        saved = checkpoint.load(directory, c)
+        error = None
+        if saved.nranks != c.size:
+            error = checkpoint.CheckpointError(
+                f"{saved.path} was saved on {saved.nranks} rank(s); minimize resumes on the "
+                f"same rank count (the unknown's slices belong to the callback)")
+        elif saved.state()["config"] != config:
+            error = checkpoint.CheckpointError(
+                f"{saved.path}: saved for {saved.state()['config']}, not for this call "
+                f"{config}")
+        c.allreduce_scalars([], [], error)  # every rank raises if any rank's does not fit
+        resume_from = saved.state()["solver"]
+    return Persist(save, int(every), stop, resume_from)
 
 
 def _scipy_style(

@@ -261,3 +261,42 @@ def test_plain_mpi4py_communicator(comm):
     fun, x0 = problem.distributed(comm.mpi_comm)
     res = hpcqn.minimize(fun, x0, comm=comm.mpi_comm, options=OPTIONS)
     assert res.success and res.nit == reference(problem).nit
+
+
+class StopAt:
+    """Reports a signal (as SIGUSR1 would) at its ``step``-th check."""
+
+    def __init__(self, step):
+        self.step, self.calls, self.signum = step, 0, None
+
+    def agreed(self, comm):
+        self.calls += 1
+        if self.calls == self.step:
+            import signal
+
+            self.signum = signal.SIGUSR1
+        return self.signum is not None
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.timeout(120)
+def test_resume_after_a_checkpoint_is_bitwise(comm, tmp_path_factory, dtype):
+    from hpcqn.checkpoint import CheckpointError
+    from hpcqn.signals import Preempted
+
+    directory = comm.bcast_object(str(tmp_path_factory.mktemp("ckpt")) if comm.rank == 0
+                                  else None)
+    problem = make_problem("extended_rosenbrock", n=300, dtype=dtype)
+    fun, x0 = problem.distributed(comm)
+    options = {"gtol": 1e-5, "history": 5}
+    straight = hpcqn.minimize(fun, x0, comm=comm, options=options)
+    with pytest.raises(Preempted):
+        hpcqn.minimize(fun, x0, comm=comm, options=options, checkpoint_dir=directory,
+                       checkpoint_every=4, stop=StopAt(13))
+    resumed = hpcqn.minimize(fun, x0, comm=comm, options=options, checkpoint_dir=directory)
+    np.testing.assert_array_equal(resumed.x, straight.x)
+    assert (resumed.nit, resumed.nfev, resumed.fun) == (straight.nit, straight.nfev,
+                                                        straight.fun)
+    with pytest.raises(CheckpointError, match="saved for"):
+        hpcqn.minimize(fun, x0, comm=comm, options={**options, "history": 6},
+                       checkpoint_dir=directory)

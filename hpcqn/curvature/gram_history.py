@@ -38,6 +38,20 @@ class GramHistory:
         self.order: list[int] = []  # slots of the stored pairs, oldest first
         self.rows_used = 0  # rows [0, rows_used) have ever held a pair
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain arrays and numbers: the local rows, the global Gram matrix, the order."""
+        return {"vectors": self.vectors.copy(), "gram": self.gram.copy(),
+                "order": np.array(self.order, dtype=np.int64), "rows_used": self.rows_used}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if tuple(saved["vectors"].shape) != tuple(self.vectors.shape):
+            raise ValueError(f"saved history rows have shape {tuple(saved['vectors'].shape)}, "
+                             f"this one {tuple(self.vectors.shape)}")
+        self.vectors[...] = self.xp.asarray(saved["vectors"])
+        self.gram[...] = saved["gram"]
+        self.order = [int(i) for i in saved["order"]]
+        self.rows_used = int(saved["rows_used"])
+
     # -- slots ---------------------------------------------------------------------
     def free_slot(self) -> int:
         """The slot that the next pair is written into (never one that is stored)."""

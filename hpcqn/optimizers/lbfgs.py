@@ -29,6 +29,7 @@ from ..backend import namespace
 from ..comm import Communicator
 from ..curvature.gram_history import GramHistory
 from ..curvature.linesearch import CONVERGED, EVALUATE, Backtracking, MoreThuente
+from ..signals import Preempted
 
 # Status codes, as SciPy's L-BFGS-B uses them (99: the callback asked to stop).
 SUCCESS, LIMIT, LINESEARCH_FAILED, CALLBACK_STOP = 0, 1, 2, 99
@@ -97,6 +98,18 @@ class LBFGSOutcome:
 
 class FunctionError(ValueError):
     """The objective callback returned something unusable (raised on every rank)."""
+
+
+@dataclasses.dataclass
+class Persist:
+    """Checkpointing for :meth:`LBFGS.run`: ``save(nit, state)`` writes a checkpoint,
+    ``every`` iterations (0: only on a signal), ``stop`` a
+    :class:`hpcqn.signals.StopFlag`, ``resume_from`` a state to continue from."""
+
+    save: Callable[[int, dict[str, Any]], Any]
+    every: int = 0
+    stop: Any = None
+    resume_from: dict[str, Any] | None = None
 
 
 class LBFGS:
@@ -210,7 +223,11 @@ class LBFGS:
         return float(zlib.crc32(repr(sorted(values.items())).encode())), float(x0.dtype.itemsize)
 
     # -- the iteration -------------------------------------------------------------
-    def run(self, x0: Any) -> LBFGSOutcome:
+    def run(self, x0: Any, persist: Persist | None = None) -> LBFGSOutcome:
+        """Iterate from ``x0``; with ``persist``, checkpoint every ``persist.every``
+        iterations and when a signal is agreed on (then raise
+        :class:`hpcqn.signals.Preempted`), and start from ``persist.resume_from`` (a state
+        this method saved; ``x0`` then only fixes the shape and dtype)."""
         opt = self.opt
         xp = namespace(x0)
         start = time.perf_counter()
@@ -230,6 +247,15 @@ class LBFGS:
         g_trial = xp.empty_like(x)
         nit = nreset = nskipped = failures = 0
         trace = [(0, f, ginf)]
+        if persist is not None and persist.resume_from is not None:
+            saved = persist.resume_from
+            x[...] = xp.asarray(saved["x"])
+            g[...] = xp.asarray(saved["g"])
+            history.load_state_dict(saved["history"])
+            f, ginf, gg, g0norm = saved["f"], saved["ginf"], saved["gg"], saved["g0norm"]
+            nit, nreset, nskipped = saved["nit"], saved["nreset"], saved["nskipped"]
+            self.nfev, self.nreductions = saved["nfev"], saved["nreductions"]
+            trace = [tuple(t) for t in saved["trace"]]
         status, message = self._converged(f, None, ginf, gg, g0norm, nit)
 
         while status is None:
@@ -298,6 +324,16 @@ class LBFGS:
             status, message = self._converged(f, f_prev, ginf, gg, g0norm, nit)
             if status is None and flags[0]:
                 status, message = CALLBACK_STOP, "`callback` raised `StopIteration`."
+            if persist is not None and status is None:
+                signalled = persist.stop is not None and persist.stop.agreed(self.comm)
+                if signalled or (persist.every and nit % persist.every == 0):
+                    persist.save(nit, {
+                        "x": x, "g": g, "f": f, "ginf": ginf, "gg": gg, "g0norm": g0norm,
+                        "nit": nit, "nreset": nreset, "nskipped": nskipped,
+                        "nfev": self.nfev, "nreductions": self.nreductions,
+                        "trace": [list(t) for t in trace], "history": history.state_dict()})
+                if signalled:
+                    raise Preempted(nit, persist.stop.signum)
         return LBFGSOutcome(
             x=x, f=f, g=g, nit=nit, nfev=self.nfev, status=status, message=message,
             gnorm_inf=ginf, gnorm2=math.sqrt(gg), nreset=nreset, npairs_skipped=nskipped,
