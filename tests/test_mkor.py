@@ -155,3 +155,20 @@ def test_hybrid_switch_on_a_plateau_and_not_while_falling():
     assert again.switched_at == plateau.switched_at
     with pytest.raises(ValueError, match="window"):
         HybridSwitch(window=20).load_state_dict(plateau.state_dict())
+
+
+def test_float16_statistics_of_many_rows_stay_finite():
+    """A float16 sum of 70,000 rows of 100 overflows; the float16 path sends means."""
+    core = CoreMKOR([(2, 3)], hpcqn.serial_comm(), stats_dtype="float16")
+    rows = 70_000
+    a_sum = np.array([100.0 * rows, 0.5 * rows, rows], dtype=np.float32)
+    (a, g), = core.reduce_statistics([(a_sum, float(rows), np.ones(2, dtype=np.float32))])
+    np.testing.assert_allclose(a, [100.0, 0.5, 1.0], rtol=1e-3)
+
+
+def test_non_finite_statistics_skip_the_update():
+    core = CoreMKOR([(2, 3)], hpcqn.serial_comm(), dtype=np.float64)
+    reduced = core.reduce_statistics([(np.array([np.inf, 1.0, 1.0]), 1.0, np.ones(2))])
+    assert reduced == [None]
+    core.update_factors(reduced)
+    np.testing.assert_array_equal(core.factors[0][1].matrix(), np.eye(3))

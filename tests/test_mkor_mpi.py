@@ -62,11 +62,12 @@ def test_curvature_traffic_per_update_step_is_linear_in_widths(comm):
         sent.append({k: v.nbytes for k, v in c.counters.items()})
     shapes = opt.core.shapes
     widths = sum(o + i for o, i in shapes) + 2 * len(shapes)
-    params = sum(p.numel() for p in model.parameters())
+    # The gradients' allreduce: every entry plus a presence flag per tensor.
+    gradients = sum(p.numel() + 1 for p in model.parameters())
     # Update steps (0, 2) add exactly one allreduce of the statistics to the gradients'.
     assert sent[0] == sent[2] and sent[1] == sent[3]
     assert sent[0]["allreduce"] - sent[1]["allreduce"] == widths * 8
-    assert sent[1]["allreduce"] == params * 8
+    assert sent[1]["allreduce"] == gradients * 8
     assert widths < sum(o * o + i * i for o, i in shapes) / 20
 
 
@@ -89,8 +90,63 @@ def test_float16_statistics_halve_the_traffic(comm):
     half, opt = run(c, "mlp", steps=4, stats_dtype="float16")
     shapes = opt.core.shapes
     widths = sum(o + i for o, i in shapes) + 2 * len(shapes)
-    params = sum(o * i for o, i in shapes)
+    gradients = sum(o * i + 2 for o, i in shapes)  # weight and bias, a flag for each
     # The model checksum at construction (5 float64 numbers); 4 steps at inv_freq 3:
     # update steps 0 and 3; the gradients in float64 at every step.
-    assert c.counters["allreduce"].nbytes == 5 * 8 + 4 * params * 8 + 2 * widths * 2
+    assert c.counters["allreduce"].nbytes == 5 * 8 + 4 * gradients * 8 + 2 * widths * 2
     np.testing.assert_allclose(half, full, rtol=0, atol=1e-2)
+
+
+def test_a_layer_used_on_some_ranks_only(comm):
+    """A branch only rank 1 runs: gradients are still one allreduce of equal length, the
+    branch's layer gets rank 1's gradient averaged over all ranks, and its factors are
+    updated from the ranks that saw it."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 3)
+            self.branch = torch.nn.Linear(4, 3)
+
+        def forward(self, x, use_branch):
+            return self.body(x) + (self.branch(x) if use_branch else 0.0)
+
+    net = Net().double()
+    opt = ht.MKOR(net, comm, lr=0.1, optimizer_options={"momentum": 0.0})
+    x = torch.randn(5, 4, dtype=torch.float64)
+    net(x, comm.rank == 1).pow(2).sum().backward()
+    expected = net.branch.weight.grad.clone() / comm.size if comm.rank == 1 else None
+    opt.step()
+    grads = comm.allgatherv(net.branch.weight.grad.reshape(-1).numpy().copy()
+                            if net.branch.weight.grad is not None else np.zeros(0))
+    if comm.size == 1:
+        assert net.branch.weight.grad is None and opt.core.missing == {1: 1}
+    else:
+        assert grads.size == 12 * comm.size  # every rank has the (preconditioned) gradient
+        assert opt.core.missing == {}
+        if expected is not None:
+            assert torch.isfinite(net.branch.weight).all()
+
+
+def test_hybrid_switch_follows_the_mean_loss_not_the_local_one(comm):
+    """Rank 0 reports a flat loss (alone it would switch at once), the others a falling
+    one: the switch follows the mean over ranks, as a switch fed the means decides."""
+    from hpcqn.optimizers.mkor import HybridSwitch
+
+    model = make_model("mlp", hidden=8, dtype=torch.float64)
+    opt = ht.MKOR(model, comm, lr=0.01, hybrid=True, hybrid_window=3, hybrid_threshold=0.05)
+    reference = HybridSwitch(3, 0.05)
+    data = digits(dtype=torch.float64)
+    expected = None
+    for t in range(30):
+        losses = [1.0] + [float(np.exp(-0.3 * t * r)) for r in range(1, comm.size)]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(data["train_x"][:8]),
+                                          data["train_y"][:8]).backward()
+        opt.step(loss=losses[comm.rank])
+        if reference.observe(sum(losses) / comm.size) and expected is None:
+            expected = reference.switched_at
+    assert opt.switch.switched_at == expected
+    if comm.size > 1:
+        assert expected != 6  # rank 0 on its own would have switched after step 6

@@ -246,3 +246,31 @@ def test_lamb_first_step_closed_form():
     r = g / (g.abs() + 1e-6) + 0.01 * p0
     expected = p0 - 0.1 * (p0.norm() / r.norm()) * r
     torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_autocast_rows_and_a_skipped_step():
+    """Under bfloat16 autocast the rows are recorded in the parameters' dtype; statistics
+    from a step that was skipped (zero_grad without step) are forgotten."""
+    model = make_model("mlp", hidden=16)
+    opt = ht.MKOR(model, SERIAL, lr=0.05)
+    data = digits()
+    x, y = data["train_x"][:32], data["train_y"][:32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert {t.dtype for rows in opt.capture.inputs.values() for t in rows} == {torch.float32}
+    opt.zero_grad()  # as if a GradScaler had skipped the step
+    assert not opt.capture.inputs and not opt.capture.grads
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_forward_without_backward_leaves_no_rows():
+    layer = nn.Linear(3, 2).double()
+    opt = ht.MKOR(layer, SERIAL, lr=0.1)
+    layer(torch.randn(50, 3, dtype=torch.float64))  # e.g. a validation loss, no backward
+    x = torch.randn(4, 3, dtype=torch.float64)
+    layer(x).sum().backward()
+    (_, count, _), = opt._statistics()
+    assert count == 4

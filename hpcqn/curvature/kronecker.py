@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import namespace, rank1_update, symmetrize, to_host
+from ..backend import namespace, rank1_update, symmetrize
 
 STORAGE = ("float32", "float64", "float16", "bfloat16")
 
@@ -129,7 +129,7 @@ class FactorInverse:
     def load(self, saved: dict[str, Any]) -> None:
         stored = saved["stored"]
         if tuple(stored.shape) != (self.d, self.d) or np.dtype(stored.dtype) != np.dtype(
-                to_host(self.stored).dtype):
+                self.stored.dtype):
             raise ValueError(f"saved factor has shape {tuple(stored.shape)} and dtype "
                              f"{stored.dtype}, expected ({self.d}, {self.d}) and "
                              f"{self.stored.dtype}")

@@ -103,11 +103,15 @@ class MKOR:
         """Global ``(a, g)`` per layer from this rank's ``(a_sum, count, g)`` (``None``
         where the layer saw no data here) in ONE allreduce: ``a`` is the mean over all
         ranks' rows (weighted by ``count``), ``g`` the mean over the ranks that have one.
+        With float16 statistics each rank sends its mean input row, and ``a`` is the
+        unweighted mean over ranks (exact when ranks hold equal row counts). A layer whose
+        reduced statistics are not finite gets None (its factors skip this update).
         Every rank calls it at every update step."""
         if len(stats) != len(self.shapes):
             raise ValueError(f"expected statistics for {len(self.shapes)} layers, got "
                              f"{len(stats)}")
         xp, nl = self.xp, len(self.shapes)
+        half = self.stats_dtype == np.float16
         size = sum(o + i for o, i in self.shapes) + 2 * nl
         buffer = xp.zeros(size, dtype=self.stats_dtype)
         position = 0
@@ -117,6 +121,8 @@ class MKOR:
                 if a_sum.shape != (d_in,) or g.shape != (d_out,):
                     raise ValueError(f"layer {k}: a has shape {a_sum.shape} and g "
                                      f"{g.shape}, expected ({d_in},) and ({d_out},)")
+                if half:  # a float16 sum of many rows overflows: send the mean, weight 1
+                    a_sum, count = a_sum / count, 1.0
                 buffer[position : position + d_in] = a_sum
                 buffer[position + d_in : position + d_in + d_out] = g
                 buffer[size - 2 * nl + 2 * k] = count
@@ -129,9 +135,10 @@ class MKOR:
         position = 0
         for k, (d_out, d_in) in enumerate(self.shapes):
             count, ranks = counts[2 * k], counts[2 * k + 1]
-            if ranks > 0 and count > 0:
-                a = total[position : position + d_in] / count
-                g = total[position + d_in : position + d_in + d_out] / ranks
+            a = total[position : position + d_in] / max(count, 1.0)
+            g = total[position + d_in : position + d_in + d_out] / max(ranks, 1.0)
+            finite = bool(xp.isfinite(a).all()) and bool(xp.isfinite(g).all())
+            if ranks > 0 and count > 0 and finite:  # the same decision on every rank
                 result.append((a, g))
             else:
                 result.append(None)
@@ -201,14 +208,20 @@ class MKOR:
         """Restore :meth:`state_dict`; factors of layers this rank does not keep are
         ignored (so all ranks' states may be merged and loaded on another rank count),
         and every kept layer must be present."""
-        saved = {int(k): v for k, v in state["factors"].items()}
-        absent = [k for k in self.kept if k not in saved]
-        if absent:
-            raise ValueError(f"the saved state has no factors for layers {absent}")
-        fresh = {k: self._new_factors(k) for k in self.kept}
-        for k in self.kept:
-            fresh[k][0].load(saved[k]["L"])
-            fresh[k][1].load(saved[k]["R"])
+        error: BaseException | None = None
+        try:
+            saved = {int(k): v for k, v in state["factors"].items()}
+            absent = [k for k in self.kept if k not in saved]
+            if absent:
+                raise ValueError(f"the saved state has no factors for layers {absent} "
+                                 f"(load every rank's state merged: hpcqn.checkpoint.merge)")
+            fresh = {k: self._new_factors(k) for k in self.kept}
+            for k in self.kept:
+                fresh[k][0].load(saved[k]["L"])
+                fresh[k][1].load(saved[k]["R"])
+        except (KeyError, TypeError, ValueError) as exc:
+            error = exc
+        self.comm.allreduce_scalars([], [], error)  # every rank raises if any rank failed
         self.factors = fresh
         self.updates = int(state["updates"])
         self.missing = {int(k): int(v) for k, v in state["missing"].items()}

@@ -51,8 +51,10 @@ class LayerCapture:
             if _skipped(name, patterns):
                 self.skipped.append(name)
             elif isinstance(module, nn.Conv2d) and (module.groups != 1
-                                                    or module.padding_mode != "zeros"):
-                self.unsupported.append(name)  # grouped or non-zero-padded convolutions
+                                                    or module.padding_mode != "zeros"
+                                                    or isinstance(module.padding, str)):
+                # grouped, non-zero-padded and "same"/"valid"-padded convolutions
+                self.unsupported.append(name)
             else:
                 self.layers.append((name, module))
         if not self.layers:
@@ -89,17 +91,23 @@ class LayerCapture:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             if not self.active or not torch.is_grad_enabled() or not output.requires_grad:
                 return
-            x = inputs[0].detach()
-            rows = input_rows(module, x)
-            self.inputs.setdefault(name, []).append(rows)
-            self.batch[name] = self.batch.get(name, 0) + int(x.shape[0])
-            output.register_hook(self._grad_hook(name, module))
+            output.register_hook(self._grad_hook(name, module, inputs[0].detach()))
 
         return hook
 
-    def _grad_hook(self, name: str, module: nn.Module) -> Any:
+    def _grad_hook(self, name: str, module: nn.Module, x: torch.Tensor) -> Any:
+        """Records the call's input rows and output-gradient rows together, only when the
+        output is back-propagated (a forward without backward leaves no trace), in the
+        parameters' dtype (autocast may have run the layer in half precision)."""
+
         def hook(grad: torch.Tensor) -> None:
-            self.grads.setdefault(name, []).append(output_grad_rows(module, grad.detach()))
+            dtype = module.weight.dtype
+            self.inputs.setdefault(name, []).append(input_rows(module, x.to(dtype)))
+            self.grads.setdefault(name, []).append(
+                output_grad_rows(module, grad.detach().to(dtype)))
+            # The batch size of one call: a layer applied T times to (B, d) has the
+            # same statistics as one call on (B, T, d).
+            self.batch[name] = int(x.shape[0])
 
         return hook
 

@@ -48,20 +48,30 @@ def check_same_parameters(params: Iterable[torch.Tensor], comm: Any = None) -> N
 
 @torch.no_grad()
 def average_gradients(params: Iterable[torch.Tensor], comm: Any = None) -> None:
-    """Average ``.grad`` over ranks in ONE allreduce (all gradients flattened together):
-    call it between ``backward()`` and a torch optimizer's ``step()`` to train it
-    data-parallel. Parameters without a gradient are left alone."""
+    """Average ``.grad`` over ranks in ONE allreduce (all gradients flattened together,
+    with a presence flag per parameter): call it between ``backward()`` and a torch
+    optimizer's ``step()`` to train it data-parallel. A parameter without a gradient on
+    some ranks counts as zero there and gets the average wherever any rank had one; one
+    without a gradient on every rank keeps ``.grad = None``."""
     c = get_comm(comm)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or c.size == 1:
+    params = [p for p in params if p.requires_grad]
+    if not params or c.size == 1:
         return
-    total = torch.cat([g.reshape(-1) for g in grads])
+    dtype = params[0].dtype
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+             for p in params]
+    flags = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype,
+                         device=params[0].device)
+    total = torch.cat([*parts, flags])
     c.allreduce_inplace(backend.from_dlpack(total))  # a view of ``total``
-    total /= c.size
     position = 0
-    for g in grads:
-        g.copy_(total[position : position + g.numel()].view_as(g))
-        position += g.numel()
+    for p, flag in zip(params, total[-len(params):].tolist(), strict=True):
+        n = p.numel()
+        if flag > 0:
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(total[position : position + n].view_as(p) / c.size)
+        position += n
 
 
 class GlobalBatches:

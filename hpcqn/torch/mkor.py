@@ -124,6 +124,12 @@ class MKOR(torch.optim.Optimizer):
         self.capture.active = True  # step 0 updates the factors
 
     # -- what a step does --------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also forgets the statistics recorded since the last step (a step skipped by a
+        GradScaler must not hand its rows to the next one)."""
+        super().zero_grad(set_to_none)
+        self.capture.clear()
+
     @property
     def preconditioning(self) -> bool:
         return self.switch is None or not self.switch.switched
@@ -150,8 +156,9 @@ class MKOR(torch.optim.Optimizer):
         if names:
             self._reported.update(names)
             if self.comm.rank == 0:
-                warnings.warn(f"MKOR: layers {names} recorded no forward/backward at update "
-                              f"step {self.steps}; their factors are not updated then",
+                warnings.warn(f"MKOR: layers {names} recorded no forward/backward on any rank "
+                              f"(or non-finite statistics) at update step {self.steps}; "
+                              f"their factors are not updated then",
                               RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
@@ -166,9 +173,9 @@ class MKOR(torch.optim.Optimizer):
         average_gradients(self.capture.params() + self._other_params(), self.comm)
         if self.preconditioning:
             if self.core.is_update_step(self.steps):
-                stats = self._statistics()
-                self._report_missing(stats)
-                self.core.update_factors(self.core.reduce_statistics(stats))
+                reduced = self.core.reduce_statistics(self._statistics())
+                self._report_missing(reduced)  # the same list on every rank
+                self.core.update_factors(reduced)
             self._precondition()
         self.capture.clear()
         self.inner.step()
