@@ -30,6 +30,7 @@ setup(
         "mpich": ["mpi4py>=4.0", "mpich"],
         "torch": ["torch>=2.1,<3"],
         "gpu": ["cupy-cuda12x>=13"],
+        "plot": ["matplotlib>=3.5"],
         "test": [
             "pytest>=7",
             "pytest-mpi>=0.6",

@@ -1,4 +1,4 @@
-"""The ``hpcqn`` command line: ``hpcqn info`` and ``hpcqn run JOB.toml``.
+"""The ``hpcqn`` command line: ``hpcqn info``, ``hpcqn run JOB.toml``, ``hpcqn plot RUN...``.
 
 Exit codes: 0 success, 1 the job ran but did not converge (status != 0), 2 bad
 input (job file, options, a checkpoint that does not fit, a Slurm task-count mismatch),
@@ -97,9 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "keep their run directory (metrics, checkpoints) next to it")
     run.add_argument("--fresh", action="store_true",
                      help="ignore existing checkpoints (default: resume from the latest)")
+    draw = sub.add_parser("plot", help="loss and accuracy curves of run directories (PNG)")
+    draw.add_argument("runs", nargs="+", help="run directories (with metrics *.jsonl)")
+    draw.add_argument("--output", default="hpcqn-plot.png", help="the PNG to write")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "plot":
+        return plot_command(args.runs, args.output)
     from .checkpoint import CheckpointError
     from .comm import RemoteRankError, get_comm
     from .jobs import JobError, run_job
@@ -123,6 +128,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary["status"] == EXIT_PREEMPTED:
         return EXIT_PREEMPTED
     return 0 if summary["status"] == 0 else 1
+
+
+def plot_command(runs: list[str], output: str) -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("hpcqn plot: needs matplotlib: pip install 'hpcqn[plot]'", file=sys.stderr)
+        return 2
+    from .plot import plot
+
+    try:
+        path = plot(runs, output)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"hpcqn plot: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"hpcqn plot: wrote {path}")
+    return 0
 
 
 def slurm_mismatch(size: int) -> str | None:

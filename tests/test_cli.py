@@ -191,3 +191,22 @@ def test_autoencoder_mkor_job_under_mpiexec(tmp_path):
     assert records[-1]["train_loss"] < 0.09
     mkor_h = (tmp_path / "run" / "mkor_h.jsonl").read_text().splitlines()
     assert json.loads(mkor_h[-1])["switched_at_step"] == 10
+
+
+def test_plot_draws_runs_and_refuses_empty_directories(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, loss in (("a", 1.0), ("b", 2.0)):
+        run = tmp_path / name
+        run.mkdir()
+        for method in ("sgd", "mkor"):
+            lines = [json.dumps({"epoch": e, "train_loss": loss / e, "seconds": 0.1 * e,
+                                 "test_accuracy": 0.5 + 0.1 * e}) for e in (1, 2, 3)]
+            (run / f"{method}.jsonl").write_text("\n".join(lines) + "\n")
+    out = hpcqn("plot", str(tmp_path / "a"), str(tmp_path / "b"), "--output",
+                str(tmp_path / "curves.png"))
+    assert out.returncode == 0, out.stderr
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    (tmp_path / "empty").mkdir()
+    out = hpcqn("plot", str(tmp_path / "empty"), "--output", str(tmp_path / "x.png"))
+    assert out.returncode == 2 and "no metrics files" in out.stderr
