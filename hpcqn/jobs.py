@@ -108,7 +108,7 @@ def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None
     elif kind == "stochastic":
         summary = _run_stochastic(path, config, c)
     else:
-        summary = _run_minimize(path, config, c)
+        summary = _run_minimize(path, config, c, output, fresh, stop)
     if c.rank == 0 and output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(summary, indent=2) + "\n")
@@ -198,10 +198,21 @@ def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
             "methods": results, "status": 0}
 
 
-def _run_minimize(path: str | Path, config: dict[str, Any], c: Communicator) -> dict[str, Any]:
+def _run_minimize(path: str | Path, config: dict[str, Any], c: Communicator,
+                  output: str | Path | None = None, fresh: bool = False,
+                  stop: Any = None) -> dict[str, Any]:
+    """The distributed L-BFGS on a named problem. With ``checkpoint_every`` in
+    ``[options]`` the solver checkpoints into ``<run dir>/checkpoints`` that often (and
+    always when signalled) and resumes from there unless ``fresh``."""
     problem_params = dict(config["problem"])
     name = problem_params.pop("name")
     options = dict(config.get("options", {}))
+    every = int(options.pop("checkpoint_every", 0))
+    run_dir = Path(output).parent if output else Path("runs") / config["job"]["name"]
+    directory = run_dir / "checkpoints"
+    if fresh and c.rank == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    c.barrier()
     try:
         problem = make_problem(name, **problem_params)
         parse_options("lbfgs", options)
@@ -215,7 +226,16 @@ def _run_minimize(path: str | Path, config: dict[str, Any], c: Communicator) -> 
             flush=True,
         )
     start = time.perf_counter()
-    result = minimize(fun, x0, comm=c, options=options)
+    try:
+        result = minimize(fun, x0, comm=c, options=options, stop=stop,
+                          checkpoint_dir=directory if every or stop is not None else None,
+                          checkpoint_every=every)
+    except Preempted as exc:
+        if c.rank == 0:
+            print(f"hpcqn run: {exc}; run the same command to resume (exit "
+                  f"{EXIT_PREEMPTED})", flush=True)
+        return {"job": config["job"]["name"], "problem": name, "ranks": c.size,
+                "status": EXIT_PREEMPTED, "nit": exc.step}
     seconds = time.perf_counter() - start
     summary = {
         "job": config["job"]["name"], "problem": name, "n": problem.n, "ranks": c.size,

@@ -210,3 +210,23 @@ def test_plot_draws_runs_and_refuses_empty_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     out = hpcqn("plot", str(tmp_path / "empty"), "--output", str(tmp_path / "x.png"))
     assert out.returncode == 2 and "no metrics files" in out.stderr
+
+
+@needs_mpiexec
+def test_minimize_job_checkpoints_and_resumes(tmp_path):
+    """checkpoint_every in [options]: a run leaves checkpoints; a second run resumes from
+    the latest and ends where an uninterrupted one does."""
+    job = small_job(tmp_path, extra="checkpoint_every = 5\n")
+    first = hpcqn("run", str(job), "--output", str(tmp_path / "run" / "s.json"), ranks=2)
+    assert first.returncode == 0, first.stderr
+    straight = json.loads((tmp_path / "run" / "s.json").read_text())
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*"))
+    assert checkpoints and (tmp_path / "run" / "checkpoints" / "latest").exists()
+    again = hpcqn("run", str(job), "--output", str(tmp_path / "run" / "s.json"), ranks=2)
+    assert again.returncode == 0, again.stderr
+    resumed = json.loads((tmp_path / "run" / "s.json").read_text())
+    assert (resumed["nit"], resumed["fun"]) == (straight["nit"], straight["fun"])
+    fresh = hpcqn("run", str(job), "--fresh", "--output", str(tmp_path / "run" / "s.json"),
+                  ranks=2)
+    assert fresh.returncode == 0 and json.loads(
+        (tmp_path / "run" / "s.json").read_text())["nit"] == straight["nit"]
