@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from . import checkpoint
 from .comm import Communicator, get_comm
 from .layout import BlockLayout
 from .minimize import minimize, parse_options
@@ -106,7 +107,7 @@ def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None
     if kind == "torch":
         summary = _run_torch(path, config, c, output, fresh, stop)
     elif kind == "stochastic":
-        summary = _run_stochastic(path, config, c)
+        summary = _run_stochastic(path, config, c, output, fresh, stop)
     else:
         summary = _run_minimize(path, config, c, output, fresh, stop)
     if c.rank == 0 and output is not None:
@@ -263,8 +264,24 @@ def _run_minimize(path: str | Path, config: dict[str, Any], c: Communicator,
 STOCHASTIC_PROBLEMS = {"digits_softmax": DigitsSoftmax}
 
 
-def _run_stochastic(path: str | Path, config: dict[str, Any], c: Communicator) -> dict[str, Any]:
-    """Train the problem once per method in ``[methods]``; per-epoch lines on rank 0."""
+def _resumed_records(metrics: Path, checkpoints: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a run that resumes from ``checkpoints``: the metrics
+    file's lines up to the checkpoint's epoch (later lines were not kept)."""
+    where = checkpoint.latest(checkpoints)
+    if where is None or not metrics.exists():
+        return []
+    epoch = json.loads((where / "manifest.json").read_text())["meta"].get("epoch", 0)
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    return [r for r in records if r["epoch"] <= epoch]
+
+
+def _run_stochastic(path: str | Path, config: dict[str, Any], c: Communicator,
+                    output: str | Path | None = None, fresh: bool = False,
+                    stop: Any = None) -> dict[str, Any]:
+    """Train the problem once per method in ``[methods]``; per-epoch lines on rank 0; in
+    the run directory a metrics file per method and ``checkpoints/<method>/`` (every
+    epoch, every ``checkpoint_every`` steps of ``[train]``, and on a signal), from which
+    a later run resumes unless ``fresh``."""
     params = dict(config["problem"])
     name = params.pop("name")
     train = dict(config.get("train", {}))
@@ -284,6 +301,12 @@ def _run_stochastic(path: str | Path, config: dict[str, Any], c: Communicator) -
     except (TypeError, ValueError) as exc:
         raise JobError(f"{path}: {exc}") from exc
     batch_size = int(train.get("batch_size", 64))
+    run_dir = Path(output).parent if output else Path("runs") / config["job"]["name"]
+    if c.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    c.barrier()
     optimum = problem.optimum()
     target = optimum + float(train.get("target_gap", 0.01))
     if c.rank == 0:
@@ -292,8 +315,16 @@ def _run_stochastic(path: str | Path, config: dict[str, Any], c: Communicator) -
               f"optimum train loss {optimum:.6f}, target {target:.6f}", flush=True)
     results: dict[str, Any] = {}
     for method, options in methods.items():
-        record: dict[str, Any] = {"epochs": [], "steps_to_target": None}
-        clock = {"start": time.perf_counter(), "evaluating": 0.0}
+        checkpoints, metrics = run_dir / "checkpoints" / method, run_dir / f"{method}.jsonl"
+        done = _resumed_records(metrics, checkpoints)
+        record: dict[str, Any] = {"epochs": done, "steps_to_target": None}
+        for r in done:
+            if record["steps_to_target"] is None and r["train_loss"] <= target:
+                record["steps_to_target"], record["seconds_to_target"] = r["steps"], r["seconds"]
+        if c.rank == 0:
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in done))
+        clock = {"start": time.perf_counter() - (done[-1]["seconds"] if done else 0.0),
+                 "evaluating": 0.0}
 
         def on_step(state: Any, method: str = method, record: dict = record,
                     clock: dict = clock) -> None:
@@ -306,16 +337,27 @@ def _run_stochastic(path: str | Path, config: dict[str, Any], c: Communicator) -
             record["epochs"].append({"epoch": state.epoch + 1, "train_loss": loss,
                                      "test_accuracy": accuracy, "seconds": seconds,
                                      "steps": state.nit})
+            if c.rank == 0:
+                with (run_dir / f"{method}.jsonl").open("a") as stream:
+                    stream.write(json.dumps(record["epochs"][-1]) + "\n")
             if record["steps_to_target"] is None and loss <= target:
                 record["steps_to_target"], record["seconds_to_target"] = state.nit, seconds
             if c.rank == 0:
                 print(f"{method:7s} epoch {state.epoch + 1:3d}: train loss {loss:.6f}  "
                       f"test accuracy {accuracy:.4f}  {seconds:7.2f} s", flush=True)
 
-        result = minimize_stochastic(
-            problem.batch_loss, problem.x0(), problem.batches(batch_size, c.rank, c.size),
-            method=method, comm=c, options={**base, **options}, callback=on_step,
-        )
+        try:
+            result = minimize_stochastic(
+                problem.batch_loss, problem.x0(), problem.batches(batch_size, c.rank, c.size),
+                method=method, comm=c, options={**base, **options}, callback=on_step,
+                checkpoint_dir=checkpoints, stop=stop,
+                checkpoint_every=int(train.get("checkpoint_every", 0)))
+        except Preempted as exc:
+            if c.rank == 0:
+                print(f"hpcqn run: {method}: {exc}; run the same command to resume "
+                      f"(exit {EXIT_PREEMPTED})", flush=True)
+            return {"job": config["job"]["name"], "problem": name, "ranks": c.size,
+                    "status": EXIT_PREEMPTED, "stopped_in": method, "step": exc.step}
         record["skipped_steps"] = result.skipped_steps
         results[method] = record
     if c.rank == 0:

@@ -14,17 +14,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.optimize import OptimizeResult
 
+from . import checkpoint
 from .backend import check_float_array, namespace
 from .comm import get_comm
 from .layout import BlockLayout
 from .optimizers.blockwise import BlockOptimizer
 from .optimizers.first_order import SGD, Adam
 from .optimizers.mlbfgs import MLBFGS
+from .signals import Preempted
 
 METHODS: dict[str, type[BlockOptimizer]] = {"mlbfgs": MLBFGS, "sgd": SGD, "adam": Adam}
 DRIVER_OPTIONS = {"epochs", "blocks", "block_size", "disp", "lr_schedule"}
@@ -86,8 +89,21 @@ def minimize_stochastic(
     comm: Any = None,
     options: Mapping[str, Any] | None = None,
     callback: Callable[[OptimizeResult], Any] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    stop: Any = None,
+    resume: bool = True,
+    keep: int = 2,
 ) -> OptimizeResult:
     """Train ``x`` (replicated on every rank) over this rank's ``batches``.
+
+    With ``checkpoint_dir``: ``x``, the optimizer's state (per block id), the position
+    (epoch and batch) and the losses are checkpointed at every epoch's end, every
+    ``checkpoint_every`` steps, and when ``stop`` (a :class:`hpcqn.signals.StopFlag`)
+    reports a signal on any rank (agreed in the step's own reduction; then
+    :class:`hpcqn.signals.Preempted` is raised); with ``resume`` the run continues from
+    the latest checkpoint, on any rank count, skipping the batches already done (the
+    batches of an epoch must be the same when walked again).
 
     ``options``: ``epochs`` (default 1), ``blocks`` (block sizes in parameter order) or
     ``block_size`` (fixed chunks; default 65536), ``disp`` (rank 0 prints one line per
@@ -137,13 +153,39 @@ def minimize_stochastic(
     start = time.perf_counter()
     losses: list[float] = []
     epoch_losses: list[float] = []
+    signals = stop
     status, message, stop = 0, "finished the requested epochs", False
     pending: BaseException | None = None  # a callback error, agreed on in the next reduction
-    for epoch in range(epochs):
+    first_epoch, skip, epoch_sum = 0, 0, 0.0
+    config = {"method": method, "options": repr(sorted(dict(options or {}).items())),
+              "n": int(x.shape[0]), "dtype": str(x.dtype)}
+    if checkpoint_dir is not None and resume and checkpoint.latest(checkpoint_dir):
+        saved = checkpoint.load(checkpoint_dir, c)
+        state = saved.state()
+        error = None if state["config"] == config else checkpoint.CheckpointError(
+            f"{saved.path}: saved for {state['config']}, not for this call {config}")
+        c.allreduce_scalars([], [], error)
+        x[...] = namespace(x).asarray(state["x"])
+        optimizer.load_state_dict(state["optimizer"])
+        losses, epoch_losses = list(state["losses"]), list(state["epoch_losses"])
+        first_epoch, skip, epoch_sum = state["epoch"], state["batch"], state["epoch_sum"]
+
+    def save(epoch: int, batch: int, partial: float) -> None:
+        checkpoint.save(checkpoint_dir, {
+            "config": config, "x": x, "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "batch": batch, "epoch_sum": partial, "losses": losses,
+            "epoch_losses": epoch_losses}, c, step=len(losses), keep=keep,
+            meta={"kind": "minimize_stochastic", "epoch": epoch, "batch": batch})
+
+    for epoch in range(first_epoch, epochs):
         if schedule == "cosine":  # annealed per epoch: lr0 (1 + cos(pi e / E)) / 2
             optimizer.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
         iterator = iter(_epoch_batches(batches, epoch, epochs))
-        epoch_sum, epoch_steps = 0.0, 0
+        for _ in range(skip):  # done before the checkpoint this run resumed from
+            next(iterator, None)
+        epoch_steps, skip = (skip, 0)
+        if epoch != first_epoch:
+            epoch_sum = 0.0
         while True:
             batch = next(iterator, _END)
             exhausted = batch is _END
@@ -159,9 +201,15 @@ def minimize_stochastic(
                         )
                 except Exception as exc:  # every rank raises below
                     error = exc
+            signalled = signals is not None and signals.signum is not None
             total, flags = c.allreduce_scalars(
-                [f], [float(exhausted), -float(exhausted), float(stop)], pending or error
+                [f], [float(exhausted), -float(exhausted), float(stop), float(signalled)],
+                pending or error,
             )
+            if flags[3] and not flags[0]:  # a signal on some rank: stop before this step
+                if checkpoint_dir is not None:
+                    save(epoch, epoch_steps, epoch_sum)
+                raise Preempted(len(losses), signals.signum if signals is not None else None)
             if flags[2]:
                 status, message = 99, "`callback` raised `StopIteration`."
                 break
@@ -180,9 +228,14 @@ def minimize_stochastic(
             epoch_steps += 1
             if callback is not None:
                 stop, pending = _call(callback, x, loss, len(losses), epoch, False, stop)
+            if checkpoint_dir is not None and checkpoint_every and (
+                    len(losses) % checkpoint_every == 0):
+                save(epoch, epoch_steps, epoch_sum)
         if status == 99:
             break
         epoch_losses.append(epoch_sum / max(epoch_steps, 1))
+        if checkpoint_dir is not None:
+            save(epoch + 1, 0, 0.0)
         if callback is not None:
             stop, pending = _call(callback, x, epoch_losses[-1], len(losses), epoch, True, stop)
         if disp and c.rank == 0:

@@ -230,3 +230,24 @@ def test_minimize_job_checkpoints_and_resumes(tmp_path):
                   ranks=2)
     assert fresh.returncode == 0 and json.loads(
         (tmp_path / "run" / "s.json").read_text())["nit"] == straight["nit"]
+
+
+@needs_mpiexec
+def test_stochastic_job_resumes_with_its_records(tmp_path):
+    """A finished stochastic job run again resumes from its last checkpoint and reports
+    the same per-epoch records (kept in the metrics files)."""
+    text = (ROOT / "jobs" / "logreg_mlbfgs.toml").read_text().replace("epochs = 20",
+                                                                       "epochs = 2")
+    job = tmp_path / "short.toml"
+    job.write_text(text)
+    output = str(tmp_path / "run" / "summary.json")
+    first = hpcqn("run", str(job), "--output", output, ranks=2)
+    assert first.returncode == 0, first.stderr
+    before = json.loads(Path(output).read_text())
+    for method in before["methods"]:
+        assert (tmp_path / "run" / "checkpoints" / method / "latest").exists()
+    again = hpcqn("run", str(job), "--output", output, ranks=2)
+    assert again.returncode == 0, again.stderr
+    after = json.loads(Path(output).read_text())
+    for method, record in before["methods"].items():
+        assert after["methods"][method]["epochs"] == record["epochs"]

@@ -187,3 +187,50 @@ def test_bad_options_on_one_rank_raise_everywhere(comm, problem):
     with pytest.raises(ValueError, match="x0 differs"):
         minimize_stochastic(problem.batch_loss, x0, problem.batches(60, comm.rank, comm.size),
                             comm=comm, options={"blocks": SIZES, "disp": False})
+
+
+class SignalAfter:
+    """Looks like a StopFlag that received SIGUSR1 once it has been read ``reads`` times
+    (minimize_stochastic reads it once per step, into the step's own reduction)."""
+
+    def __init__(self, reads):
+        self.reads, self._count = reads, 0
+
+    @property
+    def signum(self):
+        import signal
+
+        self._count += 1
+        return signal.SIGUSR1 if self._count >= self.reads else None
+
+
+@pytest.mark.parametrize("method", ["mlbfgs", "sgd", "adam"])
+@pytest.mark.timeout(120)
+def test_resume_bitwise_and_elastic(comm, problem, method, tmp_path_factory):
+    """Stopped by a signal mid-epoch and resumed on the same ranks: bitwise. The same
+    checkpoint resumed by one process with the whole batch: the one-rank run (1e-10)."""
+    import shutil
+
+    from hpcqn.signals import Preempted
+
+    base = comm.bcast_object(str(tmp_path_factory.mktemp("ck")) if comm.rank == 0 else None)
+    straight = train(problem, method, comm, comm.rank, comm.size)
+
+    def run(c, rank, nranks, directory, stop=None):
+        return minimize_stochastic(
+            problem.batch_loss, problem.x0(), problem.batches(60, rank, nranks),
+            method=method, comm=c, checkpoint_dir=directory, stop=stop,
+            options={"epochs": 3, "blocks": SIZES, "disp": False, **OPTIONS[method]})
+
+    with pytest.raises(Preempted):
+        run(comm, comm.rank, comm.size, base, SignalAfter(30))
+    comm.barrier()
+    mine = f"{base}-copy-{comm.rank}"  # one copy per rank for the one-process resume
+    shutil.copytree(base, mine)
+    resumed = run(comm, comm.rank, comm.size, base)
+    np.testing.assert_array_equal(resumed.x, straight.x)
+    np.testing.assert_array_equal(resumed.loss_history, straight.loss_history)
+    alone = run(hpcqn.serial_comm(), 0, 1, mine)
+    reference = train(problem, method, hpcqn.serial_comm(), 0, 1)
+    np.testing.assert_allclose(alone.x, reference.x, rtol=1e-10,
+                               atol=1e-10 * np.abs(reference.x).max())
