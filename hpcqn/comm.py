@@ -22,8 +22,10 @@ dozen numbers these carry, an allgather costs the same latency as an allreduce.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,7 @@ class CollectiveCounter:
     calls: int = 0
     nbytes: int = 0
     nbytes_received: int = 0
+    seconds: float = 0.0  # wall time inside these calls (waiting for other ranks included)
 
 
 @dataclass
@@ -103,6 +106,26 @@ def detect_cuda_aware() -> CudaAwareness:
     return CudaAwareness(False, "no CUDA-aware MPI detected; device buffers are staged")
 
 
+def _timed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the call's wall time to the counter of the collective it ran (the outermost
+    call only: a collective made of others is timed once)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Communicator, *args: Any, **kwargs: Any) -> Any:
+        if self._depth:
+            return method(self, *args, **kwargs)
+        self._depth, self._kind = 1, None
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._depth = 0
+            if self._kind is not None:
+                self.counters[self._kind].seconds += time.perf_counter() - start
+
+    return wrapper
+
+
 @dataclass
 class Communicator:
     """Collectives over an mpi4py communicator (or serial when ``mpi_comm`` is None)."""
@@ -115,6 +138,7 @@ class Communicator:
         self.rank = 0 if self.mpi_comm is None else self.mpi_comm.Get_rank()
         self.size = 1 if self.mpi_comm is None else self.mpi_comm.Get_size()
         self._parallel = self.size > 1
+        self._depth, self._kind = 0, None
 
     # -- bookkeeping ---------------------------------------------------------------
     def _count(self, kind: str, nbytes: int, received: int | None = None) -> None:
@@ -122,6 +146,7 @@ class Communicator:
         counter.calls += 1
         counter.nbytes += int(nbytes)
         counter.nbytes_received += int(nbytes if received is None else received)
+        self._kind = kind
 
     def calls(self, kind: str) -> int:
         """How many ``kind`` collectives ("allreduce", "allgatherv", ...) ran so far."""
@@ -153,6 +178,7 @@ class Communicator:
         return xp.empty(shape, dtype=a.dtype)
 
     # -- collectives on arrays -----------------------------------------------------
+    @_timed
     def allreduce(self, a: Any, op: str = "sum") -> Any:
         """Elementwise sum (or "max", "min") of ``a`` over ranks; a new array."""
         self._count("allreduce", a.nbytes)
@@ -165,6 +191,7 @@ class Communicator:
         self.mpi_comm.Allreduce(send, recv, op=mpi_op)
         return self._like(recv, a)
 
+    @_timed
     def allreduce_inplace(self, a: Any, op: str = "sum") -> Any:
         """Like :meth:`allreduce`, but the result overwrites ``a`` (MPI_IN_PLACE: no
         receive buffer is allocated). Returns ``a``."""
@@ -179,6 +206,7 @@ class Communicator:
             a[...] = self._like(buf, a)
         return a
 
+    @_timed
     def reduce_scatter(self, a: Any, counts: Sequence[int], out: Any = None) -> Any:
         """Sum ``a`` (the full-length vector on every rank) over ranks; rank r gets the
         ``counts[r]`` entries that start at ``sum(counts[:r])``, in ``out`` when given
@@ -208,6 +236,7 @@ class Communicator:
         out[...] = backend.namespace(out).asarray(recv)
         return out
 
+    @_timed
     def allgather_counts(self, n_local: int) -> list[int]:
         """Every rank's ``n_local``, in rank order."""
         self._count("allgather", 8, 8 * self.size)
@@ -215,6 +244,7 @@ class Communicator:
             return [int(n_local)]
         return [int(c) for c in self.mpi_comm.allgather(int(n_local))]
 
+    @_timed
     def allgatherv(self, a: Any, counts: Sequence[int] | None = None) -> Any:
         """Concatenate every rank's 1-D ``a`` in rank order; ``counts`` are the lengths
         (gathered first when not given)."""
@@ -235,6 +265,7 @@ class Communicator:
         self.mpi_comm.Allgatherv(send, [recv, counts, displs, None])
         return self._like(recv, a)
 
+    @_timed
     def allgatherv_inplace(self, a: Any, counts: Sequence[int]) -> Any:
         """Every rank's segment of ``a`` (rank order, lengths ``counts``) to everyone, in
         place: this rank's own segment must already hold its values (MPI_IN_PLACE)."""
@@ -254,6 +285,7 @@ class Communicator:
             a[...] = self._like(buf, a)
         return a
 
+    @_timed
     def bcast(self, a: Any, root: int = 0) -> Any:
         """``a`` from ``root`` on every rank (same shape and dtype on all ranks)."""
         self._count("bcast", a.nbytes)
@@ -263,6 +295,7 @@ class Communicator:
         self.mpi_comm.Bcast(buf, root=root)
         return self._like(buf, a)
 
+    @_timed
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
         """A small Python object (a message, a config) from ``root``."""
         self._count("bcast", 0)
@@ -270,6 +303,7 @@ class Communicator:
             return obj
         return self.mpi_comm.bcast(obj, root=root)
 
+    @_timed
     def allgather_object(self, obj: Any) -> list[Any]:
         """Every rank's small Python object (a file name, a digest), in rank order."""
         self._count("allgather", 0)
@@ -278,6 +312,7 @@ class Communicator:
         return list(self.mpi_comm.allgather(obj))
 
     # -- agreement -----------------------------------------------------------------
+    @_timed
     def allreduce_scalars(
         self,
         sums: Sequence[float] | np.ndarray,

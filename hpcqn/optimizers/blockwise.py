@@ -27,6 +27,7 @@ from typing import Any
 from ..backend import all_finite, check_float_array, namespace
 from ..comm import Communicator, get_comm
 from ..layout import BlockLayout
+from ..timing import PhaseTimer, phase
 
 MODES = ("replicated", "sharded")
 Schedule = float | Callable[[int], float]
@@ -72,6 +73,7 @@ class BlockOptimizer:
             position += layout.sizes[b]
         self.step_count = 0
         self.skipped_steps = 0
+        self.timer: PhaseTimer | None = None  # set one to time the phases of a step
         self.block_state: dict[int, dict[str, Any]] = {}
         self._buffers: dict[str, Any] = {}
 
@@ -192,8 +194,10 @@ class BlockOptimizer:
                 state = self.block_state[b] = self.init_block(b, theta, gb)
             directions[b] = self.direction(b, state, theta, gb)
         scale = self.direction_scale(directions)
-        for b in self.owned:
-            self.apply(b, self.block_state[b], own[self.segment[b]], directions[b], lr, scale)
+        with phase(self.timer, "update"):
+            for b in self.owned:
+                self.apply(b, self.block_state[b], own[self.segment[b]], directions[b], lr,
+                           scale)
         self.step_count += 1
 
     # -- state ---------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ..backend import axpy, namespace
 from ..curvature.block_history import BlockHistory
 from ..curvature.damping import SIGMA_H, SIGMA_L, damping_tau
 from ..layout import BlockLayout
+from ..timing import phase
 from .blockwise import BlockOptimizer, Schedule, State
 
 MOMENTUM_FORMS = ("ema", "sum")
@@ -152,14 +153,17 @@ class MLBFGS(BlockOptimizer):
             state["skipped_pairs"] += 1
 
     def direction(self, block: int, state: State, theta: Any, g: Any) -> Any:
-        self._momentum(state, theta, g)
+        with phase(self.timer, "statistics"):
+            self._momentum(state, theta, g)
         t = self.step_count
         if t > state["first_step"] and (t - state["first_step"]) % self.period == 0:
-            self._form_pair(state, g)
+            with phase(self.timer, "factors"):
+                self._form_pair(state, g)
         history: BlockHistory = state["history"]
         if not len(history):
             return g  # first-order warm-up until the block has a pair
-        return history.apply(g, namespace(g).empty_like(g))
+        with phase(self.timer, "precondition"):
+            return history.apply(g, namespace(g).empty_like(g))
 
     def direction_scale(self, directions: dict[int, Any]) -> float:
         if not self.normalize_direction:

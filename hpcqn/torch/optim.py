@@ -28,6 +28,7 @@ from .. import backend
 from ..comm import Communicator, get_comm
 from ..layout import BlockLayout
 from ..optimizers.mlbfgs import MLBFGS as CoreMLBFGS
+from ..timing import PhaseTimer
 from .data import check_same_parameters
 
 CORE_OPTIONS = ("history", "period", "beta", "damping", "sigma_l", "sigma_h", "momentum_form",
@@ -177,6 +178,16 @@ class MLBFGS(torch.optim.Optimizer):
         finite = backend.all_finite(send) if isinstance(send, np.ndarray) else bool(
             torch.isfinite(self.flat_grad).all())
         self.core.write_flags(send, finite)
+
+    @property
+    def timer(self) -> PhaseTimer | None:
+        """Set a :class:`hpcqn.timing.PhaseTimer` to time the core step's phases (the
+        bridge's own work before it is not timed)."""
+        return self.core.timer
+
+    @timer.setter
+    def timer(self, value: PhaseTimer | None) -> None:
+        self.core.timer = value
 
     @property
     def skipped_steps(self) -> int:
