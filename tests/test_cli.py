@@ -81,7 +81,7 @@ def test_shipped_job_files_are_valid():
         assert set(config["methods"]) == {"mlbfgs", "sgd", "adam"}
     for name in ("digits_mkor", "digits_autoencoder"):
         config = load_job(ROOT / "jobs" / f"{name}.toml")
-        assert set(config["methods"]) == {"mkor", "mkor_h", "sgd", "adam"}
+        assert set(config["methods"]) == {"mkor", "mkor_h", "kfac", "sgd", "adam"}
 
 
 @needs_mpiexec
@@ -182,7 +182,7 @@ def test_autoencoder_mkor_job_under_mpiexec(tmp_path):
     assert "MKOR-H: switched to the first-order optimizer after step 10" in out.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["target_metric"] == "train_loss"
-    for method in ("mkor", "mkor_h", "sgd", "adam"):
+    for method in ("mkor", "mkor_h", "kfac", "sgd", "adam"):
         records = [json.loads(line)
                    for line in (tmp_path / "run" / f"{method}.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in records] == [1, 2, 3]

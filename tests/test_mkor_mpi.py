@@ -61,7 +61,7 @@ def test_curvature_traffic_per_update_step_is_linear_in_widths(comm):
         opt.step()
         sent.append({k: v.nbytes for k, v in c.counters.items()})
     shapes = opt.core.shapes
-    widths = sum(o + i for o, i in shapes) + 2 * len(shapes)
+    widths = sum(o + i for o, i in shapes) + 3 * len(shapes)  # rows, presence, batch
     # The gradients' allreduce: every entry plus a presence flag per tensor.
     gradients = sum(p.numel() + 1 for p in model.parameters())
     # Update steps (0, 2) add exactly one allreduce of the statistics to the gradients'.
@@ -89,7 +89,7 @@ def test_float16_statistics_halve_the_traffic(comm):
     c.reset_counters()
     half, opt = run(c, "mlp", steps=4, stats_dtype="float16")
     shapes = opt.core.shapes
-    widths = sum(o + i for o, i in shapes) + 2 * len(shapes)
+    widths = sum(o + i for o, i in shapes) + 3 * len(shapes)  # rows, presence, batch
     gradients = sum(o * i + 2 for o, i in shapes)  # weight and bias, a flag for each
     # The model checksum at construction (5 float64 numbers); 4 steps at inv_freq 3:
     # update steps 0 and 3; the gradients in float64 at every step.

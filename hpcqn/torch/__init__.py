@@ -1,6 +1,6 @@
 """The PyTorch bridge: mL-BFGS as a ``torch.optim.Optimizer`` working on the model's
-memory through DLPack, MKOR / MKOR-H with layer hooks, and data-parallel helpers over
-MPI (no ``torch.distributed``)."""
+memory through DLPack, MKOR / MKOR-H and K-FAC with shared layer hooks, and data-parallel
+helpers over MPI (no ``torch.distributed``)."""
 
 from .data import (
     GlobalBatches,
@@ -9,9 +9,10 @@ from .data import (
     check_same_parameters,
     shard,
 )
+from .kfac import KFAC
 from .lamb import LAMB
 from .mkor import MKOR
 from .optim import MLBFGS, layer_blocks
 
-__all__ = ["LAMB", "MKOR", "MLBFGS", "GlobalBatches", "average_gradients",
+__all__ = ["KFAC", "LAMB", "MKOR", "MLBFGS", "GlobalBatches", "average_gradients",
            "broadcast_parameters", "check_same_parameters", "layer_blocks", "shard"]

@@ -1,8 +1,8 @@
 """Training jobs for torch models on scikit-learn's digits: an MLP or a small CNN
 (classification) or an autoencoder (reconstruction), trained data-parallel with mL-BFGS
-(:class:`hpcqn.torch.MLBFGS`), MKOR / MKOR-H (:class:`hpcqn.torch.MKOR`, which average
-gradients themselves) or torch's SGD/Adam with :func:`average_gradients`, from the same
-initial model on the same batches."""
+(:class:`hpcqn.torch.MLBFGS`), MKOR / MKOR-H (:class:`hpcqn.torch.MKOR`), K-FAC
+(:class:`hpcqn.torch.KFAC`) (these average gradients themselves) or torch's SGD/Adam with
+:func:`average_gradients`, from the same initial model on the same batches."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ from .. import checkpoint
 from ..comm import Communicator
 from ..signals import Preempted, StopFlag
 from .data import GlobalBatches, average_gradients, broadcast_parameters
+from .kfac import KFAC
 from .mkor import MKOR
 from .optim import MLBFGS
 
 MODELS = ("mlp", "cnn", "autoencoder")
-METHODS = ("mlbfgs", "mkor", "mkor_h", "sgd", "adam")
-SELF_AVERAGING = ("mlbfgs", "mkor", "mkor_h")  # average (or reduce-scatter) gradients inside
+METHODS = ("mlbfgs", "mkor", "mkor_h", "kfac", "sgd", "adam")
+# These average (or reduce-scatter) the gradients inside their step.
+SELF_AVERAGING = ("mlbfgs", "mkor", "mkor_h", "kfac")
 
 
 def digits(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -71,6 +73,8 @@ def make_optimizer(method: str, model: nn.Module, comm: Communicator,
         return MLBFGS(model.parameters(), comm, **options)
     if method in ("mkor", "mkor_h"):
         return MKOR(model, comm, hybrid=method == "mkor_h", **options)
+    if method == "kfac":
+        return KFAC(model, comm, **options)
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), **options)
     if method == "adam":

@@ -1,0 +1,137 @@
+"""K-FAC for torch models (KAISA's algorithm; ALGORITHMS.md section 4): a
+``torch.optim.Optimizer`` that preconditions the gradients of ``nn.Linear`` and
+``nn.Conv2d`` layers with damped inverses of running Kronecker factors
+(:class:`hpcqn.optimizers.kfac.KFAC`) and hands them to a first-order optimizer. It shares
+the hooks, the gradient averaging, the placement and the state envelope with
+:class:`hpcqn.torch.MKOR` (:mod:`hpcqn.torch.layerwise`).
+
+One ``step()``:
+
+1. gradients are averaged over the communicator (one allreduce);
+2. on factor steps (every ``factor_freq`` steps) the hooks have recorded each layer's input
+   rows ``a`` (unfolded patches for a convolution, a ones column for a bias) and output
+   gradient rows ``g`` (divided by the AMP loss scale; the reduction rescales them to
+   per-sample gradients, undoing the ``1/B`` of a mean loss); this rank's sums of
+   ``a a^T`` and ``g g^T`` over rows go, for all layers, in ONE allreduce; the running
+   factors move; every ``inv_freq`` steps the owners invert the damped factors;
+3. each layer's gradient ``[W | b]`` becomes ``(G + damping I)^-1 grad (A + damping I)^-1``
+   (or the eigen form), and the KL clip scales all of them with the current ``lr``;
+4. the first-order optimizer (SGD with momentum by default, as KAISA) steps.
+
+Unlike KAISA, ``G`` is built from per-sample output gradients (a mean loss's rows times
+the batch size), so the factors do not depend on the batch size or the rank count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import backend
+from ..optimizers.kfac import KFAC as CoreKFAC
+from ..optimizers.kfac import kl_clip_scale
+from ..timing import phase
+from .layerwise import LayerwiseOptimizer
+
+
+class KFAC(LayerwiseOptimizer):
+    kind = "KFAC"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        comm: Any = None,
+        optimizer: str | torch.optim.Optimizer = "sgd",
+        lr: float = 0.1,
+        inv_freq: int = 10,
+        factor_freq: int = 1,
+        factor_decay: float = 0.95,
+        damping: float = 1e-3,
+        kl_clip: float = 1e-3,
+        method: str = "inverse",
+        placement: str = "redundant",
+        skip_layers: Iterable[str] = (),
+        grad_scaler: Any = None,
+        optimizer_options: Mapping[str, Any] | None = None,
+    ):
+        if not kl_clip >= 0:
+            raise ValueError(f"kl_clip must be >= 0 (0: no clipping), got {kl_clip}")
+        super().__init__(model, comm, optimizer, lr, skip_layers, grad_scaler,
+                         optimizer_options)
+        self.core = CoreKFAC(self.capture.shapes, self.comm, factor_freq=factor_freq,
+                             inv_freq=inv_freq, factor_decay=factor_decay, damping=damping,
+                             method=method, placement=placement, dtype=self.np_dtype,
+                             xp=self.xp)
+        self.kl_clip = float(kl_clip)
+        self.last_clip = 1.0  # the KL-clip scale of the last step
+        self._start()  # step 0 updates the factors and the inverses
+
+    def capturing(self, step: int) -> bool:
+        return self.core.is_factor_step(step)
+
+    def _statistics(self) -> list[Any]:
+        """This rank's ``(sum a a^T, rows, sum g g^T, batch)`` per layer (None where hooks
+        did not fire); ``g``: output-gradient rows divided by the AMP loss scale."""
+        scale = self.loss_scale()
+        stats = []
+        for name in self.capture.names:
+            recorded = self.capture.rows(name)
+            if recorded is None:
+                stats.append(None)
+                continue
+            a_rows, g_rows, batch = recorded
+            if scale != 1.0:
+                g_rows = g_rows / scale
+            stats.append((backend.from_dlpack((a_rows.T @ a_rows).contiguous()),
+                          float(a_rows.shape[0]),
+                          backend.from_dlpack((g_rows.T @ g_rows).contiguous()), float(batch)))
+        return stats
+
+    def _update_curvature(self) -> None:
+        with phase(self.timer, "statistics"):
+            reduced = self.core.reduce_statistics(self._statistics())
+        self._report_missing([r is not None for r in reduced])  # the same on every rank
+        with phase(self.timer, "factors"):
+            self.core.update_factors(reduced)
+            if self.core.is_inverse_step(self.steps):
+                self.core.update_inverses()
+
+    def _adjust(self, directions: list[Any], grads: list[Any]) -> list[Any]:
+        lr = float(self.param_groups[0]["lr"])
+        self.last_clip = kl_clip_scale(directions, grads, lr, self.kl_clip)
+        if self.last_clip != 1.0:
+            for d in directions:
+                d *= self.last_clip
+        return directions
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The first-order optimizer's state plus the factors and inverses this rank keeps
+        (by layer name) and the counters."""
+        core = self.core.state_dict()
+        names = self.capture.names
+        return self._state({
+            "method": self.core.method,
+            "factor_updates": core["factor_updates"],
+            "inverse_updates": core["inverse_updates"],
+            "missing": {names[k]: v for k, v in core["missing"].items()},
+            "factors": {names[k]: {key: self._host(v) for key, v in item.items()}
+                        for k, item in core["factors"].items()},
+        })
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ours = self._check_state(state_dict)
+        if ours["method"] != self.core.method:
+            raise ValueError(f"the saved state is for method={ours['method']!r}, this "
+                             f"optimizer uses {self.core.method!r}")
+        index = {name: k for k, name in enumerate(self.capture.names)}
+        self.core.load_state_dict({
+            "factor_updates": ours["factor_updates"],
+            "inverse_updates": ours["inverse_updates"],
+            "missing": {index[n]: v for n, v in ours["missing"].items()},
+            "factors": {index[n]: item for n, item in ours["factors"].items()},
+        })
+        self._finish_load(state_dict, ours)

@@ -1,0 +1,220 @@
+"""What the torch front ends of the Kronecker-factored preconditioners (MKOR, K-FAC)
+share: the layer hooks (:class:`hpcqn.torch.capture.LayerCapture`), the checks on the
+model's parameters, the first-order optimizer that takes the preconditioned gradients
+(its ``param_groups`` are this optimizer's, so learning-rate schedulers work), the
+gradient averaging over the communicator, writing preconditioned gradients back, the
+report of layers that recorded nothing, the phase timer and the ``state_dict`` envelope.
+
+A step of a subclass:
+
+1. gradients are averaged over the communicator (one allreduce, as
+   :func:`hpcqn.torch.average_gradients`);
+2. on statistics steps (``self.capturing(step)``) the hooks have recorded each layer's
+   inputs and output gradients; the subclass turns them into its curvature statistics
+   (:meth:`_update_curvature`);
+3. each layer's gradient ``[W | b]`` is replaced by the core's preconditioned one
+   (:meth:`_precondition`, then :meth:`_adjust` for e.g. K-FAC's KL clip);
+4. the first-order optimizer steps.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import backend
+from ..comm import Communicator, get_comm
+from ..timing import PhaseTimer, phase
+from .capture import LayerCapture, grad_matrix, set_grad_matrix
+from .data import average_gradients, check_same_parameters
+from .lamb import LAMB
+
+OPTIMIZERS = ("sgd", "adam", "lamb")
+
+
+def first_order(name: str, params: list[torch.Tensor], lr: float,
+                options: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """``"sgd"`` (momentum 0.9 unless given), ``"adam"`` or ``"lamb"`` over ``params``."""
+    options = dict(options)
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    if name == "sgd":
+        options.setdefault("momentum", 0.9)
+        return torch.optim.SGD(params, lr=lr, **options)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, **options)
+    if name == "lamb":
+        return LAMB(params, lr=lr, **options)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a torch.optim.Optimizer, "
+                     f"got {name!r}")
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Base class. Subclasses build ``self.core`` (a
+    :class:`hpcqn.optimizers.layerwise.LayerwisePreconditioner`) in ``_build_core`` and
+    implement ``capturing``, ``_update_curvature`` and the ``state_dict`` parts."""
+
+    kind = "layerwise"
+
+    def __init__(self, model: nn.Module, comm: Any, optimizer: str | torch.optim.Optimizer,
+                 lr: float, skip_layers: Iterable[str], grad_scaler: Any,
+                 optimizer_options: Mapping[str, Any] | None):
+        self.comm: Communicator = get_comm(comm)
+        self.model = model
+        self.capture = LayerCapture(model, skip_layers)
+        params = [p for p in model.parameters() if p.requires_grad]
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise TypeError(f"{self.kind} needs all parameters on one device with one dtype, "
+                            f"got dtypes {sorted(map(str, dtypes))} and devices "
+                            f"{sorted(map(str, devices))}")
+        dtype = dtypes.pop()
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{self.kind} needs float32 or float64 parameters, got {dtype}; "
+                            f"keep float32 weights and use torch.autocast for half precision")
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise TypeError("grad_scaler must have get_scale() (a torch.amp.GradScaler)")
+        self.grad_scaler = grad_scaler
+        self.np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        self.xp = backend.namespace(backend.from_dlpack(params[0].detach()))
+        if isinstance(optimizer, torch.optim.Optimizer):
+            if optimizer_options:
+                raise ValueError("optimizer_options apply only when optimizer is a name")
+            self.inner = optimizer
+        elif isinstance(optimizer, str):
+            self.inner = first_order(optimizer, params, lr, optimizer_options or {})
+        else:
+            raise TypeError(f"optimizer must be one of {OPTIMIZERS} or a "
+                            f"torch.optim.Optimizer, got {type(optimizer).__name__}")
+        super().__init__(self.inner.param_groups, {})  # the same group dicts: shared lr
+        self.steps = 0
+        self.timer: PhaseTimer | None = None
+        self._reported: set[str] = set()
+        self._params = params
+
+    def _start(self) -> None:
+        """The end of a subclass's ``__init__``: same model on every rank, hooks on."""
+        check_same_parameters(self._params, self.comm)
+        self.capture.active = self.capturing(self.steps)
+
+    # -- what subclasses provide ---------------------------------------------------------
+    @property
+    def preconditioning(self) -> bool:
+        return True
+
+    def capturing(self, step: int) -> bool:
+        """Whether the hooks record rows during the forward/backward of ``step``."""
+        raise NotImplementedError
+
+    def _update_curvature(self) -> None:
+        """Turn the recorded rows into the core's curvature (called on capturing steps)."""
+        raise NotImplementedError
+
+    def _adjust(self, directions: list[Any], grads: list[Any]) -> list[Any]:
+        """A last change to all preconditioned gradients (default: none)."""
+        return directions
+
+    def _after_step(self, loss: Any) -> None:
+        """Called after the first-order step (MKOR-H's switch)."""
+
+    # -- the step --------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also forgets the statistics recorded since the last step (a step skipped by a
+        GradScaler must not hand its rows to the next one)."""
+        super().zero_grad(set_to_none)
+        self.capture.clear()
+
+    def loss_scale(self) -> float:
+        return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+
+    def _report_missing(self, present: list[bool]) -> None:
+        """Warn (rank 0, once per layer) about layers without statistics on any rank;
+        ``present`` is the same list on every rank."""
+        names = [n for n, ok in zip(self.capture.names, present, strict=True)
+                 if not ok and n not in self._reported]
+        if names:
+            self._reported.update(names)
+            if self.comm.rank == 0:
+                warnings.warn(f"{self.kind}: layers {names} recorded no forward/backward on any "
+                              f"rank (or non-finite statistics) at step {self.steps}; their "
+                              f"factors are not updated then", RuntimeWarning, stacklevel=4)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None, loss: Any = None) -> None:  # type: ignore[override]
+        """One step from the gradients in ``.grad`` (this rank's part of the batch)."""
+        if closure is not None:
+            raise TypeError(f"{self.kind}.step does not take a closure: call backward() "
+                            f"first, then step()")
+        self._check_loss(loss)
+        with phase(self.timer, "communication"):  # the flat-buffer copies count here too
+            average_gradients(self.capture.params() + self._other_params(), self.comm)
+        if self.preconditioning:
+            if self.capturing(self.steps):
+                self._update_curvature()
+            self._precondition()
+        self.capture.clear()
+        with phase(self.timer, "update"):
+            self.inner.step()
+        self._after_step(loss)
+        self.steps += 1
+        self.capture.active = self.preconditioning and self.capturing(self.steps)
+
+    def _check_loss(self, loss: Any) -> None:
+        """Subclasses that need ``step(loss=...)`` raise here when it is missing."""
+
+    def _other_params(self) -> list[torch.Tensor]:
+        """Parameters outside the preconditioned layers (averaged, not preconditioned)."""
+        mine = {id(p) for p in self.capture.params()}
+        return [p for p in self.model.parameters() if id(p) not in mine and p.requires_grad]
+
+    def _precondition(self) -> None:
+        with phase(self.timer, "precondition"):
+            grads, present = [], []
+            for (_, module), shape in zip(self.capture.layers, self.core.shapes, strict=True):
+                g = grad_matrix(module)
+                present.append(g is not None)
+                if g is None:  # unused layer: zeros keep owner mode's allgather in step
+                    g = module.weight.new_zeros(shape)
+                grads.append(backend.from_dlpack(g.contiguous()))
+            directions = self._adjust(self.core.precondition(grads), grads)
+            for (_, module), d, used in zip(self.capture.layers, directions, present,
+                                            strict=True):
+                if used:
+                    set_grad_matrix(module, torch.from_dlpack(d))
+
+    # -- state ---------------------------------------------------------------------------
+    def _host(self, value: Any) -> Any:
+        return backend.to_host(value) if hasattr(value, "shape") else value
+
+    def _state(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The envelope every subclass's ``state_dict`` shares."""
+        return {"inner": self.inner.state_dict(),
+                "hpcqn": {"kind": self.kind, "steps": self.steps, "layers": self.capture.names,
+                          "shapes": [list(s) for s in self.core.shapes],
+                          "placement": self.core.placement, **extra}}
+
+    def _check_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The ``hpcqn`` part of a saved state, after checking it fits this model."""
+        ours = state_dict.get("hpcqn") if isinstance(state_dict, dict) else None
+        if not ours or ours.get("kind") != self.kind:
+            raise ValueError(f"not an hpcqn.torch.{self.kind} state_dict")
+        names = self.capture.names
+        if list(ours["layers"]) != names or [tuple(s) for s in ours["shapes"]] != [
+                tuple(s) for s in self.core.shapes]:
+            raise ValueError(f"the saved state is for layers {list(ours['layers'])} with shapes "
+                             f"{ours['shapes']}, this model has {names} with shapes "
+                             f"{[list(s) for s in self.core.shapes]}")
+        return ours
+
+    def _finish_load(self, state_dict: dict[str, Any], ours: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict["inner"])
+        self.param_groups = self.inner.param_groups  # torch replaced the group dicts
+        self.steps = int(ours["steps"])
+        self.capture.clear()
+        self.capture.active = self.preconditioning and self.capturing(self.steps)
