@@ -37,6 +37,8 @@ setup(
             "pytest-timeout>=2.1",
             "scikit-learn>=1.2",
             "ruff>=0.4",
+            # tests/test_array_api.py: the kernels under a strict array-API namespace
+            "array-api-strict>=2.0",
         ],
     },
     entry_points={"console_scripts": ["hpcqn = hpcqn.cli:main"]},

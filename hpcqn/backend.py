@@ -1,8 +1,12 @@
-"""Array backend: which array namespace (NumPy or CuPy) holds the data, dtypes, DLPack.
+"""Array backend: which array namespace (NumPy or CuPy) holds the data, dtypes, DLPack,
+and the copies between device arrays and host buffers.
 
 Numerical code in hpcqn is written once against ``xp`` (the namespace returned by
 :func:`namespace`). NumPy is the default; CuPy is used when it is asked for by name or
-when the inputs are CuPy arrays. Only float32 and float64 data are accepted.
+when the inputs are CuPy arrays. Arrays of any other namespace that follows the Python
+array API standard (``__array_namespace__``) get that namespace: the curvature kernels
+keep fast paths for NumPy and CuPy (BLAS calls, views, ``out=``) and a generic branch
+that uses the standard only. Only float32 and float64 data are accepted.
 """
 
 from __future__ import annotations
@@ -37,11 +41,27 @@ def is_device_array(a: Any) -> bool:
     return hasattr(a, "__cuda_array_interface__")
 
 
+def is_ndarray(a: Any) -> bool:
+    """True for a NumPy or CuPy ndarray: arrays with views, methods and ``out=`` arguments
+    (the fast paths); False for arrays of other array-API namespaces."""
+    return isinstance(a, np.ndarray) or is_cupy_array(a)
+
+
+def _namespace_of(a: Any) -> ModuleType:
+    if is_cupy_array(a):
+        return _cupy()
+    if isinstance(a, np.ndarray) or not hasattr(a, "__array_namespace__"):
+        return np
+    return a.__array_namespace__()
+
+
 def namespace(*arrays: Any, backend: str | None = None) -> ModuleType:
-    """The array namespace for ``arrays``: ``numpy`` or ``cupy``.
+    """The array namespace for ``arrays``: ``numpy``, ``cupy``, or the one an array-API
+    array names (``__array_namespace__``).
 
     ``backend`` ("numpy" or "cupy") forces the choice; otherwise CuPy is chosen when any
-    input is a CuPy array, NumPy otherwise. Mixing NumPy and CuPy inputs is an error.
+    input is a CuPy array, an array-API array's own namespace when it is one, NumPy
+    otherwise (scalars, lists). Mixing namespaces is an error.
     """
     if backend is not None:
         if backend == "numpy":
@@ -49,10 +69,38 @@ def namespace(*arrays: Any, backend: str | None = None) -> ModuleType:
         if backend == "cupy":
             return _cupy()
         raise ValueError(f"backend must be 'numpy' or 'cupy', got {backend!r}")
-    kinds = {is_cupy_array(a) for a in arrays if a is not None}
-    if len(kinds) > 1:
-        raise TypeError("inputs mix NumPy and CuPy arrays; put them on one device first")
-    return _cupy() if kinds == {True} else np
+    spaces = {space.__name__: space
+              for space in (_namespace_of(a) for a in arrays if a is not None)}
+    if len(spaces) > 1:
+        raise TypeError(f"inputs mix arrays of {' and '.join(sorted(spaces))}; put them in "
+                        f"one namespace (on one device) first")
+    return next(iter(spaces.values()), np)
+
+
+def dtype_name(dtype: Any, xp: ModuleType = np) -> str:
+    """The standard name ("float32", "float64", ...) of a NumPy dtype or of a dtype object
+    of the array-API namespace ``xp``."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        names = {value: key for key, value in xp.__array_namespace_info__().dtypes().items()}
+        return names[dtype]
+
+
+def astype(a: Any, dtype: Any, copy: bool = True) -> Any:
+    """``a`` converted to ``dtype`` (``a`` itself when ``copy`` is False and it already has
+    it): the array's method where it has one, the namespace's ``astype`` otherwise."""
+    if hasattr(a, "astype"):
+        return a.astype(dtype, copy=copy)
+    return namespace(a).astype(a, dtype, copy=copy)
+
+
+def norm(a: Any) -> float:
+    """The 2-norm of ``a`` flattened (the Frobenius norm of a matrix)."""
+    xp = namespace(a)
+    if is_ndarray(a):
+        return float(xp.linalg.norm(a))
+    return float(xp.linalg.vector_norm(a))
 
 
 def check_float_array(a: Any, name: str) -> None:
@@ -91,6 +139,43 @@ def from_dlpack(obj: Any, xp: ModuleType | None = None) -> Any:
     return xp.from_dlpack(obj)
 
 
+def copy_to_host(a: Any, out: np.ndarray) -> np.ndarray:
+    """Copy the device (or host) array ``a`` into the host buffer ``out`` (same shape and
+    dtype; a pinned buffer makes the device-to-host copy a direct DMA). Returns ``out``
+    once the copy is complete."""
+    if is_cupy_array(a):
+        a.get(out=out)
+        synchronize(a)  # older CuPy copies asynchronously into pinned memory
+    else:
+        np.copyto(out, np.asarray(a))
+    return out
+
+
+def copy_from_host(host: np.ndarray, out: Any) -> Any:
+    """Copy the host buffer ``host`` into the device (or host) array ``out`` and wait until
+    the copy is complete, so that ``host`` may be reused at once. Returns ``out``."""
+    if is_cupy_array(out):
+        out.set(host)
+        synchronize(out)
+    else:
+        out[...] = host
+    return out
+
+
+def empty_like(template: Any, shape: int | tuple[int, ...]) -> Any:
+    """An uninitialised array of ``shape`` with ``template``'s dtype, namespace, device and
+    array type."""
+    return namespace(template).empty_like(template, shape=shape)
+
+
+def empty_host(shape: int, dtype: Any, pinned: bool) -> np.ndarray:
+    """A host buffer for staging device arrays: page-locked (pinned, through CuPy) when
+    ``pinned``, so that copies to and from the device run at full bus speed."""
+    if pinned:
+        return importlib.import_module("cupyx").empty_pinned(shape, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
+
+
 def synchronize(a: Any) -> None:
     """Wait for pending device work on ``a``'s stream (no-op for host arrays)."""
     if is_cupy_array(a):
@@ -116,9 +201,12 @@ def symmetrize(x: Any) -> Any:
     """``x = (x + x^T) / 2`` in place for a square matrix. For NumPy in cache-sized tiles:
     a whole-matrix transposed copy is many times slower (strided, and conflict misses at
     power-of-two sizes)."""
-    if not isinstance(x, np.ndarray):
+    if is_cupy_array(x):
         x += x.T.copy()
         x *= 0.5
+        return x
+    if not isinstance(x, np.ndarray):  # the array API: no copy() method, no aliasing rules
+        x[...] = 0.5 * (x + x.T)
         return x
     d, t = x.shape[0], SYMMETRIZE_TILE
     for i in range(0, d, t):
@@ -147,7 +235,7 @@ def rank1_update(x: Any, alpha: float, u: Any) -> Any:
         if not np.shares_memory(result, x):  # pragma: no cover - BLAS copied
             x[...] = result.T
         return x
-    x += alpha * namespace(x).outer(u, u)
+    x += alpha * (u[:, None] * u[None, :])
     return x
 
 
@@ -171,6 +259,15 @@ def axpy(alpha: float, x: Any, y: Any) -> Any:
         return y
     y += alpha * x
     return y
+
+
+def matmul_into(a: Any, b: Any, out: Any) -> Any:
+    """``out = a @ b`` (``out=`` for NumPy and CuPy: no temporary; an assignment for other
+    namespaces, whose standard has no ``out``). Returns ``out``."""
+    if is_ndarray(out):
+        return namespace(out).matmul(a, b, out=out)
+    out[...] = a @ b
+    return out
 
 
 def _blas_axpy(dtype: Any) -> Any:

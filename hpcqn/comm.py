@@ -6,8 +6,11 @@
 class runs serially with no MPI calls. Every collective is counted (calls and payload
 bytes) so that drivers can report communication volume.
 
-Device arrays go to MPI directly when the library is CUDA-aware (after the stream is
-synchronised), and through host copies otherwise (host staging).
+Device arrays (anything exposing ``__cuda_array_interface__``) go to MPI directly when
+the library is CUDA-aware, after their stream is synchronised. Otherwise they are staged:
+copied into a host buffer cached per role, dtype and size (page-locked when the array is
+a CuPy array), the collective runs on host buffers, and the result is copied back into
+an array of the input's kind. Staging buffers never leave the communicator.
 
 Small scalar reductions (:meth:`Communicator.allreduce_scalars`) are computed from an
 allgather of every rank's values, summed in rank order on every rank: the result is
@@ -133,6 +136,8 @@ class Communicator:
     mpi_comm: Any = None
     counters: dict[str, CollectiveCounter] = field(default_factory=dict)
     cuda_aware: bool = False
+    # Host staging buffers by (role, dtype, size), for device arrays when not CUDA-aware.
+    staging: dict[tuple[str, str, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.rank = 0 if self.mpi_comm is None else self.mpi_comm.Get_rank()
@@ -156,26 +161,49 @@ class Communicator:
         self.counters.clear()
 
     # -- device buffers ------------------------------------------------------------
+    def _direct(self, a: Any) -> bool:
+        """Whether MPI may read and write ``a`` itself: a host array, or a device array
+        when the library is CUDA-aware."""
+        return self.cuda_aware or not backend.is_device_array(a)
+
+    def _host_buffer(self, role: str, template: Any, shape: int | tuple[int, ...]) -> Any:
+        """The cached host buffer for ``role`` ("send", "recv"), ``template``'s dtype and
+        ``shape``: allocated once, pinned when ``template`` is a CuPy array, and reused by
+        every later collective of that role, dtype and size (staging then allocates
+        nothing in a training loop, whose collectives repeat the same sizes)."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        size = int(np.prod(shape))
+        key = (role, np.dtype(template.dtype).str, size)
+        buffer = self.staging.get(key)
+        if buffer is None:
+            buffer = backend.empty_host(size, template.dtype, backend.is_cupy_array(template))
+            self.staging[key] = buffer
+        return buffer.reshape(shape)
+
     def _to_mpi(self, a: Any) -> Any:
-        """A buffer MPI may read: the device array itself when aware, else a host copy."""
-        if backend.is_device_array(a):
-            if self.cuda_aware:
-                backend.synchronize(a)
-                return a
-            return backend.to_host(a)
-        return a
+        """A buffer MPI may read: ``a`` itself (a device array once its stream is
+        synchronised), or ``a`` staged into the cached host "send" buffer."""
+        if self._direct(a):
+            backend.synchronize(a)
+            return a
+        return backend.copy_to_host(a, self._host_buffer("send", a, a.shape))
 
-    @staticmethod
-    def _like(result: Any, template: Any) -> Any:
-        """``result`` moved back to ``template``'s namespace (after host staging)."""
-        if backend.is_cupy_array(template) and not backend.is_cupy_array(result):
-            return backend.namespace(template).asarray(result)
-        return result
+    def _receive_buffer(self, template: Any, size: int) -> Any:
+        """A 1-D buffer of ``size`` for MPI to write ``template``'s kind of result into: a
+        new array of its namespace (and device), or the cached host "recv" buffer when
+        ``template`` must be staged."""
+        if not self._direct(template):
+            return self._host_buffer("recv", template, size)
+        if backend.is_device_array(template):
+            return backend.empty_like(template, size)
+        return backend.namespace(template).empty(size, dtype=template.dtype)
 
-    def _empty_for(self, a: Any, shape: int) -> Any:
-        """An output buffer for MPI: same namespace as what ``_to_mpi`` gave."""
-        xp = backend.namespace(a)
-        return xp.empty(shape, dtype=a.dtype)
+    def _result(self, received: Any, template: Any) -> Any:
+        """What MPI wrote, as a new array of ``template``'s kind: the receive buffer itself,
+        or a device copy of the staging buffer (which is never handed out)."""
+        if self._direct(template):
+            return received
+        return backend.copy_from_host(received, backend.empty_like(template, received.shape))
 
     # -- collectives on arrays -----------------------------------------------------
     @_timed
@@ -187,9 +215,9 @@ class Communicator:
         MPI = _mpi()
         mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
         send = self._to_mpi(a)
-        recv = self._empty_for(send, send.shape)
+        recv = self._receive_buffer(a, a.size).reshape(a.shape)
         self.mpi_comm.Allreduce(send, recv, op=mpi_op)
-        return self._like(recv, a)
+        return self._result(recv, a)
 
     @_timed
     def allreduce_inplace(self, a: Any, op: str = "sum") -> Any:
@@ -203,7 +231,7 @@ class Communicator:
         buf = self._to_mpi(a)
         self.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
         if buf is not a:
-            a[...] = self._like(buf, a)
+            backend.copy_from_host(buf, a)
         return a
 
     @_timed
@@ -228,12 +256,16 @@ class Communicator:
             out[...] = a
             return out
         send = self._to_mpi(a)
-        direct = out is not None and backend.namespace(out) is backend.namespace(send)
-        recv = out if direct else self._empty_for(send, mine)
+        if out is not None and self._direct(out):
+            backend.synchronize(out)  # no pending device work may touch it while MPI writes
+            recv = out
+        else:
+            recv = self._receive_buffer(a if out is None else out, mine)
         self.mpi_comm.Reduce_scatter(send, recv, recvcounts=counts)
-        if out is None or direct:
-            return out if direct else self._like(recv, a)
-        out[...] = backend.namespace(out).asarray(recv)
+        if out is None:
+            return self._result(recv, a)
+        if recv is not out:
+            backend.copy_from_host(recv, out)
         return out
 
     @_timed
@@ -260,10 +292,9 @@ class Communicator:
         if not self._parallel:
             return a.copy()
         send = self._to_mpi(a)
-        recv = self._empty_for(send, sum(counts))
-        displs = np.concatenate(([0], np.cumsum(counts)[:-1])).tolist()
-        self.mpi_comm.Allgatherv(send, [recv, counts, displs, None])
-        return self._like(recv, a)
+        recv = self._receive_buffer(a, sum(counts))
+        self.mpi_comm.Allgatherv(send, [recv, counts, _displacements(counts), None])
+        return self._result(recv, a)
 
     @_timed
     def allgatherv_inplace(self, a: Any, counts: Sequence[int]) -> Any:
@@ -278,22 +309,36 @@ class Communicator:
         self._count("allgatherv", counts[self.rank] * a.itemsize, a.nbytes)
         if not self._parallel:
             return a
-        buf = self._to_mpi(a)
-        displs = np.concatenate(([0], np.cumsum(counts)[:-1])).tolist()
+        displs = _displacements(counts)
+        if self._direct(a):
+            backend.synchronize(a)
+            buf = a
+        else:  # only this rank's own segment needs to go to the host
+            buf = self._host_buffer("recv", a, a.shape)
+            mine = slice(displs[self.rank], displs[self.rank] + counts[self.rank])
+            backend.copy_to_host(a[mine], buf[mine])
         self.mpi_comm.Allgatherv(_mpi().IN_PLACE, [buf, counts, displs, None])
         if buf is not a:
-            a[...] = self._like(buf, a)
+            backend.copy_from_host(buf, a)
         return a
 
     @_timed
     def bcast(self, a: Any, root: int = 0) -> Any:
-        """``a`` from ``root`` on every rank (same shape and dtype on all ranks)."""
+        """``a`` from ``root`` on every rank (same shape and dtype on all ranks), in
+        place: ``a`` receives the root's values; returns ``a``."""
         self._count("bcast", a.nbytes)
         if not self._parallel:
             return a
-        buf = self._to_mpi(a)  # ``a`` itself unless staged through the host
+        if self._direct(a):
+            backend.synchronize(a)
+            self.mpi_comm.Bcast(a, root=root)
+            return a
+        buf = (self._to_mpi(a) if self.rank == root
+               else self._host_buffer("send", a, a.shape))
         self.mpi_comm.Bcast(buf, root=root)
-        return self._like(buf, a)
+        if self.rank != root:
+            backend.copy_from_host(buf, a)
+        return a
 
     @_timed
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
@@ -349,9 +394,27 @@ class Communicator:
             total += row
         return total, table[:, 1 + sums.size :].max(axis=0)
 
+    @_timed
+    def node_local(self) -> tuple[int, int]:
+        """This rank's index among the ranks on its node, and their number (an MPI
+        shared-memory split, ``COMM_TYPE_SHARED``, of this communicator; key: the rank)."""
+        self._count("split", 0)
+        if not self._parallel:
+            return 0, 1
+        local = self.mpi_comm.Split_type(_mpi().COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return local.Get_rank(), local.Get_size()
+        finally:
+            local.Free()
+
     def barrier(self) -> None:
         if self._parallel:
             self.mpi_comm.Barrier()
+
+
+def _displacements(counts: Sequence[int]) -> list[int]:
+    """Where each rank's segment starts in the concatenation of segments of ``counts``."""
+    return np.concatenate(([0], np.cumsum(counts)[:-1])).astype(int).tolist()
 
 
 def get_comm(comm: Any = None) -> Communicator:

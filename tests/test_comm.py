@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import hpcqn
+from hpcqn import backend
 from hpcqn.comm import Communicator, RemoteRankError, detect_cuda_aware, get_comm
 from hpcqn.layout import SliceLayout
 
@@ -166,16 +167,127 @@ class FakeDeviceArray(np.ndarray):
                 "data": (self.ctypes.data, False), "version": 3}
 
 
+class RecordingComm:
+    """An mpi4py communicator that records, in ``events``, every array each of its
+    buffer methods (the capitalised ones: ``Allreduce``, ``Bcast``, ...) was given."""
+
+    def __init__(self, mpi_comm, events: list):
+        self._comm, self.events = mpi_comm, events
+
+    def __getattr__(self, name: str):
+        target = getattr(self._comm, name)
+        if not (callable(target) and name[0].isupper()):
+            return target
+
+        def call(*args, **kwargs):
+            self.events.append((name, _arrays([*args, *kwargs.values()])))
+            return target(*args, **kwargs)
+
+        return call
+
+
+def _arrays(items) -> list:
+    """The arrays among ``items``, looking inside MPI's ``[buffer, counts, ...]`` lists."""
+    found = []
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            found += _arrays(item)
+        elif isinstance(item, np.ndarray):
+            found.append(item)
+    return found
+
+
+COLLECTIVES = ("allreduce", "allreduce_inplace", "reduce_scatter", "reduce_scatter_out",
+               "allgatherv", "allgatherv_inplace", "bcast")
+
+
+def run_collective(c: Communicator, collective: str, dtype) -> tuple:
+    """Run ``collective`` on fake device arrays; returns (result, the device inputs, the
+    NumPy reference of the result, what the result must be: an input or None for new)."""
+    p, r = c.size, c.rank
+    counts = uneven_counts(p)
+    n, layout = sum(counts), SliceLayout(tuple(counts))
+    everything = sum(rank_values(q, n) for q in range(p))
+
+    def device(values):
+        return np.asarray(values, dtype=dtype).view(FakeDeviceArray)
+
+    if collective in ("allreduce", "allreduce_inplace"):
+        a = device(rank_values(r, 6))
+        call = c.allreduce if collective == "allreduce" else c.allreduce_inplace
+        return call(a), [a], sum(rank_values(q, 6) for q in range(p)), (
+            None if collective == "allreduce" else a)
+    if collective in ("reduce_scatter", "reduce_scatter_out"):
+        full = device(rank_values(r, n))
+        out = device(np.full(counts[r], np.nan)) if collective.endswith("out") else None
+        result = c.reduce_scatter(full, counts, out=out)
+        inputs = [full] if out is None else [full, out]
+        return result, inputs, everything[layout.local_slice(r)], out
+    if collective == "allgatherv":
+        mine = device(rank_values(r, counts[r]))
+        expected = np.concatenate([rank_values(q, k) for q, k in enumerate(counts)])
+        return c.allgatherv(mine, counts), [mine], expected, None
+    if collective == "allgatherv_inplace":
+        full = device(np.zeros(n))
+        full[layout.local_slice(r)] = rank_values(r, counts[r])
+        expected = np.concatenate([rank_values(q, k) for q, k in enumerate(counts)])
+        return c.allgatherv_inplace(full, counts), [full], expected, full
+    root = p - 1
+    a = device(np.arange(5.0) + 1 if r == root else np.zeros(5))
+    return c.bcast(a, root=root), [a], np.arange(5.0) + 1, a
+
+
 @pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("collective", COLLECTIVES)
 @pytest.mark.parametrize("aware", [False, True])
-def test_device_buffers_aware_and_staged(comm, aware):
+def test_device_buffers_every_collective(comm, monkeypatch, aware, collective, dtype):
+    """Every collective on fake device arrays gives the NumPy reference, as an array of
+    the input's kind. CUDA-aware: MPI is handed the device arrays themselves, each after
+    its stream was synchronised. Staging: MPI sees only host buffers, all of them from
+    the communicator's staging cache, which a second call reuses without allocating;
+    results never alias the cache."""
     if comm.mpi_comm is None:
         pytest.skip("needs mpi4py")
-    c = Communicator(comm.mpi_comm, cuda_aware=aware)
-    a = rank_values(c.rank, 6).view(FakeDeviceArray)
-    total = c.allreduce(a)
-    np.testing.assert_allclose(np.asarray(total),
-                               sum(rank_values(q, 6) for q in range(c.size)))
+    events: list = []
+    monkeypatch.setattr(backend, "synchronize", lambda a: events.append(("synchronize", [a])))
+    c = Communicator(RecordingComm(comm.mpi_comm, events), cuda_aware=aware)
+    events.clear()
+    result, inputs, expected, same_as = run_collective(c, collective, dtype)
+
+    np.testing.assert_allclose(np.asarray(result), expected,
+                               rtol=1e-6 if dtype == np.float32 else 1e-15)
+    assert type(result) is FakeDeviceArray and result.dtype == dtype
+    if same_as is not None:
+        assert result is same_as
+    else:
+        assert all(not np.shares_memory(result, a) for a in inputs)
+    handed = [(i, b) for i, (name, arrays) in enumerate(events) if name != "synchronize"
+              for b in arrays]
+    if c.size == 1:
+        assert handed == [] and c.staging == {}  # serial: no MPI call, nothing staged
+        return
+    assert handed, "the collective made no buffer call"
+    if aware:
+        assert all(type(b) is FakeDeviceArray for _, b in handed)
+        synced = [i for i, (name, arrays) in enumerate(events) if name == "synchronize"]
+        for i, buffer in handed:
+            if any(buffer is a for a in inputs):  # an input went to MPI: synchronised first
+                assert any(j < i and events[j][1][0] is buffer for j in synced)
+        assert any(b is a for _, b in handed for a in inputs), "no device input passed"
+        assert c.staging == {}
+        return
+    staged = list(c.staging.values())
+    assert staged, "nothing was staged"
+    assert all(type(b) is np.ndarray for _, b in handed)
+    # (a rank with an empty segment hands MPI empty buffers, which share no memory)
+    assert all(b.size == 0 or any(np.shares_memory(b, s) for s in staged) for _, b in handed)
+    assert not any(np.shares_memory(result, s) for s in staged)
+    cache = {key: id(buffer) for key, buffer in c.staging.items()}
+    again, _, expected_again, _ = run_collective(c, collective, dtype)
+    np.testing.assert_allclose(np.asarray(again), expected_again,
+                               rtol=1e-6 if dtype == np.float32 else 1e-15)
+    assert {key: id(buffer) for key, buffer in c.staging.items()} == cache  # reused
 
 
 @pytest.mark.mpi

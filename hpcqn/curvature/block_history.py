@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from ..backend import axpy, to_host
+from ..backend import axpy, matmul_into, to_host
 
 
 class BlockHistory:
@@ -51,13 +51,14 @@ class BlockHistory:
         """Store a pair (the caller has checked ``s.y > 0``); drops the oldest when full."""
         m = self.history
         slot = self.order.pop(0) if len(self.order) == m else len(self.order)
-        self.vectors[slot] = s
-        self.vectors[m + slot] = y
+        self.vectors[slot, :] = s
+        self.vectors[m + slot, :] = y
         self.order.append(slot)
         # Products of the new vectors with every stored vector: three GEMVs.
-        s_dot_y = to_host(self.vectors[m:] @ self.vectors[slot])  # y_j . s_new
-        y_dot_s = to_host(self.vectors[:m] @ self.vectors[m + slot])  # s_i . y_new
-        y_dot_y = to_host(self.vectors[m:] @ self.vectors[m + slot])  # y_j . y_new
+        s_new, y_new = self.vectors[slot, :], self.vectors[m + slot, :]
+        s_dot_y = to_host(self.vectors[m:, :] @ s_new)  # y_j . s_new
+        y_dot_s = to_host(self.vectors[:m, :] @ y_new)  # s_i . y_new
+        y_dot_y = to_host(self.vectors[m:, :] @ y_new)  # y_j . y_new
         self.sy[slot, :] = s_dot_y
         self.sy[:, slot] = y_dot_s
         self.yy[slot, :] = self.yy[:, slot] = y_dot_y
@@ -77,7 +78,7 @@ class BlockHistory:
         coeffs = np.zeros(2 * m)
         coeffs[order] = p
         coeffs[[m + i for i in order]] = -gamma * u
-        xp.matmul(xp.asarray(coeffs, dtype=self.vectors.dtype), self.vectors, out=out)
+        matmul_into(xp.asarray(coeffs, dtype=self.vectors.dtype), self.vectors, out)
         return axpy(gamma, g, out)
 
     def state_dict(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import to_host
+from ..backend import is_ndarray, matmul_into, to_host
 
 
 class GramHistory:
@@ -59,7 +59,7 @@ class GramHistory:
 
     def pair_rows(self, slot: int) -> tuple[Any, Any]:
         """Writable views of the ``s`` and ``y`` rows of ``slot``."""
-        return self.vectors[2 * slot], self.vectors[2 * slot + 1]
+        return self.vectors[2 * slot, :], self.vectors[2 * slot + 1, :]
 
     def reset(self) -> None:
         """Forget every pair (the gradient's norm stays known)."""
@@ -79,7 +79,7 @@ class GramHistory:
         xp = self.xp
         rows = self._rows_for(slot)
         s_new, y_new = self.pair_rows(slot)
-        products = self.vectors[:rows] @ xp.stack([s_new, y_new, g]).T
+        products = self.vectors[:rows, :] @ xp.stack([s_new, y_new, g]).T
         gg = g @ g
         out = np.empty(3 * rows + 1)
         out[:-1] = to_host(products).ravel()
@@ -157,8 +157,10 @@ class GramHistory:
         rows = self.rows_used
         if rows and np.any(delta[:rows]):
             coeffs = xp.asarray(delta[:rows], dtype=self.vectors.dtype)
-            xp.matmul(coeffs, self.vectors[:rows], out=out)
+            matmul_into(coeffs, self.vectors[:rows, :], out)
             out += float(delta[self.g_index]) * g
-        else:
+        elif is_ndarray(out):
             xp.multiply(g, float(delta[self.g_index]), out=out)
+        else:
+            out[...] = float(delta[self.g_index]) * g
         return out

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import namespace, rank1_update, symmetrize
+from ..backend import astype, dtype_name, is_ndarray, namespace, norm, rank1_update, symmetrize
 
 STORAGE = ("float32", "float64", "float16", "bfloat16")
 
@@ -51,15 +51,29 @@ def _diagonal(x: Any) -> Any:
     return x.reshape(-1)[:: x.shape[0] + 1]  # a view of the diagonal
 
 
+def _max_diagonal(x: Any) -> float:
+    """``max_i X_ii`` (read through a view for NumPy and CuPy)."""
+    xp = namespace(x)
+    return float(xp.max(_diagonal(x) if is_ndarray(x) else xp.linalg.diagonal(x)))
+
+
+def _add_to_diagonal(x: Any, value: float) -> None:
+    """``X += value I`` in place (a strided view for NumPy and CuPy; the standard has no
+    views, so other namespaces add a scaled identity)."""
+    if is_ndarray(x):
+        _diagonal(x)[...] += value
+    else:
+        x += value * namespace(x).eye(x.shape[0], dtype=x.dtype)
+
+
 def stabilise(x: Any, eps_stab: float, zeta: float) -> bool:
     """``X = zeta X + (1 - zeta) I`` in place when ``max|X| > eps_stab``; returns whether
     it did. ``X`` is SPD, so its largest entry in absolute value is on the diagonal
     (``|X_ij| <= sqrt(X_ii X_jj)``): the test reads ``d`` numbers, not ``d^2``."""
-    xp = namespace(x)
-    if not float(xp.max(_diagonal(x))) > eps_stab:
+    if not _max_diagonal(x) > eps_stab:
         return False
     x *= zeta
-    _diagonal(x)[...] += 1.0 - zeta
+    _add_to_diagonal(x, 1.0 - zeta)
     return True
 
 
@@ -71,8 +85,7 @@ def sherman_morrison(x: Any, v: Any, gam: float, eps_stab: float = math.inf,
     stabiliser fires, else ``1, 0``), ``u = X' v = s (X v) + t v`` and
     ``X_new = (s / gam) X + (t / gam) I - c u u^T``: one matrix-vector product, one
     scaling pass, one rank-1 pass and the symmetrisation."""
-    xp = namespace(x)
-    fired = float(xp.max(_diagonal(x))) > eps_stab
+    fired = _max_diagonal(x) > eps_stab
     u = x @ v
     scale = 1.0
     if fired:
@@ -82,7 +95,7 @@ def sherman_morrison(x: Any, v: Any, gam: float, eps_stab: float = math.inf,
     denominator = gam + (1.0 - gam) * float(v @ u)
     x *= scale / gam
     if fired:
-        _diagonal(x)[...] += (1.0 - zeta) / gam
+        _add_to_diagonal(x, (1.0 - zeta) / gam)
     rank1_update(x, -(1.0 - gam) / (gam * denominator), u)
     symmetrize(x)
     return fired
@@ -92,31 +105,32 @@ class FactorInverse:
     """One factor inverse ``X`` (``d x d``), identity at start, in ``storage`` precision."""
 
     def __init__(self, d: int, xp: ModuleType, dtype: Any, storage: str | None = None):
-        storage = storage or np.dtype(dtype).name
+        name = dtype_name(dtype, xp)
+        storage = storage or name
         if storage not in STORAGE:
             raise ValueError(f"factor storage must be one of {STORAGE}, got {storage!r}")
         self.d, self.xp, self.storage = int(d), xp, storage
         # Arithmetic in the model's precision, at least float32.
-        self.compute_dtype = xp.float64 if np.dtype(dtype) == np.float64 else xp.float32
+        self.compute_dtype = xp.float64 if name == "float64" else xp.float32
         self.stored = self._encode(xp.eye(self.d, dtype=self.compute_dtype))
         self.stabilised = 0  # how often the stabiliser fired
 
     def _encode(self, x: Any) -> Any:
         if self.storage == "bfloat16":
             return to_bfloat16_bits(x)
-        return x.astype(getattr(self.xp, self.storage), copy=False)
+        return astype(x, getattr(self.xp, self.storage), copy=False)
 
     def matrix(self) -> Any:
         """``X`` in the compute precision (the stored array itself when they agree)."""
         if self.storage == "bfloat16":
             return from_bfloat16_bits(self.stored)
-        return self.stored.astype(self.compute_dtype, copy=False)
+        return astype(self.stored, self.compute_dtype, copy=False)
 
     def update(self, v: Any, gam: float, eps_stab: float, zeta: float) -> bool:
         """Stabilise, then the Sherman-Morrison step with ``v``. Returns whether the
         stabiliser fired."""
         x = self.matrix()  # the stored array itself when no conversion is needed
-        v = v.astype(self.compute_dtype, copy=False)
+        v = astype(v, self.compute_dtype, copy=False)
         fired = sherman_morrison(x, v, gam, eps_stab, zeta)
         if x is not self.stored:
             self.stored = self._encode(x)
@@ -139,9 +153,8 @@ class FactorInverse:
 
 def precondition(linv: Any, grad: Any, rinv: Any) -> Any:
     """``D = Linv @ G @ Rinv`` rescaled to the Frobenius norm of ``G`` (a new array)."""
-    xp = namespace(grad)
     d = linv @ grad @ rinv
-    norm_d = float(xp.linalg.norm(d))
+    norm_d = norm(d)
     if norm_d > 0 and math.isfinite(norm_d):
-        d *= float(xp.linalg.norm(grad)) / norm_d
+        d *= norm(grad) / norm_d
     return d

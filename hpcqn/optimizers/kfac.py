@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from ..backend import namespace
+from ..backend import astype, namespace
 from .layerwise import PLACEMENTS, LayerwisePreconditioner, Stats
 
 METHODS = ("inverse", "eigen")
@@ -123,8 +123,8 @@ class KFAC(LayerwisePreconditioner):
 
     def _identity_factors(self, k: int) -> dict[str, Any]:
         d_out, d_in = self.shapes[k]
-        eye = self.xp.eye
-        return {"A": eye(d_in, dtype=self.dtype), "G": eye(d_out, dtype=self.dtype)}
+        eye, dtype = self.xp.eye, self.array_dtype
+        return {"A": eye(d_in, dtype=dtype), "G": eye(d_out, dtype=dtype)}
 
     def is_factor_step(self, step: int) -> bool:
         return step % self.factor_freq == 0
@@ -197,7 +197,7 @@ class KFAC(LayerwisePreconditioner):
         inv = self.inverses.get(k)
         if inv is None:
             raise RuntimeError("K-FAC: precondition before the first update_inverses()")
-        grad = grad.astype(self.dtype, copy=False)
+        grad = astype(grad, self.array_dtype, copy=False)
         if self.method == "inverse":
             return inv["G"] @ grad @ inv["A"]
         qa, qg = inv["QA"], inv["QG"]

@@ -47,6 +47,7 @@ class LayerwisePreconditioner:
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         self.placement, self.dtype, self.xp = placement, np.dtype(dtype), xp
+        self.array_dtype = getattr(xp, self.dtype.name)  # the dtype object of ``xp``
         self.owners = BlockLayout.from_sizes([costs(o, i) for o, i in self.shapes],
                                              self.comm.size).owners
         self.kept = [k for k in range(len(self.shapes))

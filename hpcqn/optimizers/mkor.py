@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import astype
 from ..curvature.kronecker import STORAGE, FactorInverse, precondition
 from .layerwise import PLACEMENTS, LayerwisePreconditioner, Stats
 
@@ -120,8 +121,8 @@ class MKOR(LayerwisePreconditioner):
         """``Linv G Rinv`` rescaled to ``||G||``."""
         linv, rinv = self.factors[k]
         compute = linv.compute_dtype
-        d = precondition(linv.matrix(), grad.astype(compute, copy=False), rinv.matrix())
-        return d.astype(grad.dtype, copy=False)
+        d = precondition(linv.matrix(), astype(grad, compute, copy=False), rinv.matrix())
+        return astype(d, grad.dtype, copy=False)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
