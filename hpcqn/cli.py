@@ -30,11 +30,15 @@ def _devices() -> str:
 
 
 def info() -> int:
-    """Print the MPI library, rank count, CUDA-awareness and devices (rank 0 only)."""
+    """Print the MPI library, rank count, CUDA-awareness (direct device buffers or host
+    staging, and why), the devices, and each rank's local rank and bound device (rank 0
+    prints; every rank binds, so under a launcher this shows the real placement)."""
     from . import __version__
     from .comm import _mpi, detect_cuda_aware, get_comm
+    from .device import bind
 
     comm = get_comm()
+    bindings = comm.allgather_object(bind(comm).describe())
     if comm.rank != 0:
         return 0
     MPI = _mpi()
@@ -47,12 +51,16 @@ def info() -> int:
         version = ".".join(map(str, MPI.Get_version()))
         mpi_line = f"{library} (MPI {version}, mpi4py {mpi4py.__version__})"
     aware = detect_cuda_aware()
+    path = ("yes: device buffers go to MPI directly" if aware.aware
+            else "no: device buffers are staged through host buffers")
     print(f"hpcqn {__version__}")
     print(f"python    {platform.python_version()} on {platform.machine()}, numpy {np.__version__}")
     print(f"MPI       {mpi_line}")
     print(f"ranks     {comm.size}")
-    print(f"CUDA-aware MPI  {'yes' if aware.aware else 'no'} ({aware.reason})")
+    print(f"CUDA-aware MPI  {path} ({aware.reason})")
     print(f"devices   {_devices()}")
+    for rank, line in enumerate(bindings):
+        print(f"rank {rank}    {line}")
     return 0
 
 

@@ -59,7 +59,8 @@ else:  # pragma: no cover - Python 3.10
 JOB_KINDS = ("minimize", "stochastic", "torch")
 SECTIONS = {"job": {"kind", "name", "description"}, "problem": None, "options": None,
             "train": {"epochs", "batch_size", "lr_schedule", "target_gap", "seed",
-                      "target_accuracy", "target_loss", "dtype", "checkpoint_every"},
+                      "target_accuracy", "target_loss", "dtype", "checkpoint_every",
+                      "device"},
             "model": {"name", "hidden"}, "methods": None}
 
 
@@ -169,7 +170,7 @@ def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
                         hidden=int(model.get("hidden", 128)),
                         checkpoint_dir=run_dir / "checkpoints" / method,
                         checkpoint_every=int(train_options.get("checkpoint_every", 0)),
-                        stop=stop)
+                        stop=stop, device=str(train_options.get("device", "auto")))
         except Preempted as exc:
             if c.rank == 0:
                 print(f"hpcqn run: {method}: {exc}; run the same command to resume "

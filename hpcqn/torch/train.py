@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..comm import Communicator
+from ..device import bind
 from ..signals import Preempted, StopFlag
 from .data import GlobalBatches, average_gradients, broadcast_parameters
 from .kfac import KFAC
@@ -25,6 +26,7 @@ from .mkor import MKOR
 from .optim import MLBFGS
 
 MODELS = ("mlp", "cnn", "autoencoder")
+DEVICES = ("cpu", "cuda", "auto")
 METHODS = ("mlbfgs", "mkor", "mkor_h", "kfac", "sgd", "adam")
 # These average (or reduce-scatter) the gradients inside their step.
 SELF_AVERAGING = ("mlbfgs", "mkor", "mkor_h", "kfac")
@@ -107,6 +109,27 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor],
     return result
 
 
+def select_device(device: str, comm: Communicator) -> torch.device:
+    """The torch device this rank trains on. ``"cpu"``; ``"cuda"``: the GPU
+    :func:`hpcqn.device.bind` chose from the local rank (an error when a rank has none);
+    ``"auto"``: that GPU when every rank has one, else the CPU on every rank. Every rank
+    calls this (the binding may need a shared-memory split, and the ranks agree)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return torch.device("cpu")
+    binding = bind(comm)
+    usable = binding.index is not None and torch.cuda.is_available()
+    why = binding.reason if binding.index is None else "torch has no CUDA"
+    verdicts = comm.allgather_object(why if not usable else None)
+    missing = [f"rank {r}: {w}" for r, w in enumerate(verdicts) if w is not None]
+    if not missing:
+        return torch.device("cuda", binding.index)
+    if device == "cuda":
+        raise ValueError("device 'cuda' asked for, but " + "; ".join(missing))
+    return torch.device("cpu")
+
+
 def _rng_state() -> dict[str, Any]:
     """torch's generator (the batch order comes from GlobalBatches, a NumPy generator
     seeded by the run's seed and the epoch, so it needs no saved state)."""
@@ -135,6 +158,7 @@ def train(
     keep: int = 2,
     resume: bool = True,
     stop: StopFlag | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train one model with one method; rank 0 prints a line per epoch and writes one
     JSON line per epoch to ``metrics_path``. Returns the per-epoch records.
@@ -145,12 +169,19 @@ def train(
     configuration; with ``resume`` a run continues from the latest one there (on any rank
     count), and a different configuration is an error. With ``stop`` (a
     :class:`hpcqn.signals.StopFlag`), the ranks agree after every step whether any of them
-    was signalled; if so they checkpoint and raise :class:`hpcqn.signals.Preempted`."""
+    was signalled; if so they checkpoint and raise :class:`hpcqn.signals.Preempted`.
+    ``device`` ("cpu", "cuda", "auto"; see :func:`select_device`) holds the model, the
+    data and the optimizer state; it is not part of the configuration, so a run saved on
+    one kind of device resumes on the other."""
     config = {"method": method, "model": model_name, "options": dict(options or {}),
               "epochs": int(epochs), "batch_size": int(batch_size), "seed": int(seed),
               "dtype": str(dtype), "lr_schedule": lr_schedule, "hidden": int(hidden)}
-    data = digits(seed, dtype)
-    model = make_model(model_name, hidden, seed, dtype)
+    where = select_device(device, comm)
+    data = {key: value.to(where) for key, value in digits(seed, dtype).items()}
+    model = make_model(model_name, hidden, seed, dtype).to(where)
+    if where.type != "cpu" and comm.rank == 0 and log:
+        print(f"{method:7s} on {where} (rank 0; each rank uses its own local device)",
+              flush=True)
     broadcast_parameters(model, comm)
     optimizer = make_optimizer(method, model, comm, options or {})
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -195,7 +226,7 @@ def train(
         for batch, (rows, weight) in enumerate(batches):
             if batch < skip:
                 continue  # done before the checkpoint this run resumed from
-            index = torch.as_tensor(rows)
+            index = torch.as_tensor(rows, device=where)
             optimizer.zero_grad()
             loss = loss_of(model, data["train_x"][index], data["train_y"][index],
                            reconstruct) * weight
