@@ -11,7 +11,10 @@ wall time per phase to ``timer.seconds``:
 - ``"precondition"``: turning the gradient into the step direction;
 - ``"update"``: the first-order update that takes it;
 - ``"communication"``: the time spent inside the communicator's collectives during any
-  of the above, taken out of that phase (the communicator measures it per call).
+  of the above, taken out of that phase (the communicator measures it per call), plus
+  what an optimizer times as this phase itself: the collectives of its own step and the
+  copies into and out of their buffers (mL-BFGS's reduce-scatter and allgather with the
+  rank-major packing; the torch bridges' flat-buffer copies; MKOR-H's loss reduction).
 
 Phases do not nest; with no timer set (the default) the optimizers measure nothing.
 On a GPU pass ``sync`` (e.g. ``cupy.cuda.Device().synchronize``) so that each phase's

@@ -1,5 +1,6 @@
 """hpcqn.timing.PhaseTimer and the communicator's per-collective seconds: the wait in a
-collective is moved out of the phase that made it (real MPI: one rank arrives late)."""
+collective is moved out of the phase that made it (real MPI: one rank arrives late), and
+the block-wise optimizers' collectives are timed as "communication"."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 import hpcqn
+from hpcqn.layout import BlockLayout
+from hpcqn.optimizers.mlbfgs import MLBFGS
 from hpcqn.timing import PhaseTimer, phase
 
 
@@ -53,3 +56,67 @@ def test_a_late_rank_shows_as_communication_not_as_the_phase(comm):
     else:  # every other rank waited for rank 1 inside the allreduce
         assert timer.seconds["communication"] >= 0.25
         assert timer.seconds["statistics"] < 0.1
+
+
+def _timed_mlbfgs_steps(c, steps=12, late_rank=None):
+    """mL-BFGS core steps (replicated mode, pairs every 2 steps) on ``c`` with a
+    PhaseTimer: returns the timer and, per timed step, the phases' seconds and the wall
+    time. With ``late_rank``, that rank reaches the first timed step 0.2 s late."""
+    layout = BlockLayout.from_sizes([20_000] * 4, c.size)
+    opt = MLBFGS(layout, c, period=2, history=3)
+    rng = np.random.default_rng(c.rank)
+    x = np.zeros(layout.n)
+    for _ in range(4):  # untimed: block states, first pairs
+        opt.step(x, rng.standard_normal(layout.n))
+    opt.timer = timer = PhaseTimer(c)
+    c.reset_counters()
+    per_step = []
+    for step in range(steps):
+        g = rng.standard_normal(layout.n)
+        c.barrier()
+        if step == 0 and c.rank == late_rank:
+            time.sleep(0.2)
+        before = sum(timer.seconds.values())
+        start = time.perf_counter()
+        assert opt.step(x, g)
+        wall = time.perf_counter() - start
+        per_step.append((sum(timer.seconds.values()) - before, wall))
+    assert opt.statistics()["npairs"] > 0 or not opt.owned
+    return timer, per_step
+
+
+def _assert_phases_add_up(per_step):
+    """Each step's phases add up to no more than its wall time and, outside every phase
+    being only the argument checks and the finiteness test of g, to nearly all of it (the
+    median step: a step the OS preempts outside a phase is an outlier)."""
+    for phases, wall in per_step:
+        assert phases <= wall
+    shares = sorted(phases / wall for phases, wall in per_step)
+    assert shares[len(shares) // 2] >= 0.85, shares
+
+
+def test_mlbfgs_core_step_phases_add_up_on_one_process():
+    timer, per_step = _timed_mlbfgs_steps(hpcqn.serial_comm())
+    for name in ("statistics", "factors", "precondition", "update", "communication"):
+        assert timer.seconds[name] > 0, name
+    _assert_phases_add_up(per_step)
+
+
+@pytest.mark.mpi
+def test_mlbfgs_core_step_times_its_collectives_as_communication(comm):
+    """The reduce-scatter, the allgatherv and the direction's norm reduction land in
+    "communication" (a late rank's wait included), and the phases add up to the step."""
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    c = hpcqn.Communicator(comm.mpi_comm)
+    timer, per_step = _timed_mlbfgs_steps(c, late_rank=1)
+    assert {"reduce_scatter", "allgatherv", "allreduce"} <= set(c.counters)
+    collectives = sum(counter.seconds for counter in c.counters.values())
+    assert collectives > 0
+    # every second inside a collective is in "communication" (with the copies around them)
+    assert timer.seconds["communication"] >= collectives
+    if c.rank != 1:  # waited for rank 1 inside the first step's reduce-scatter
+        assert timer.seconds["communication"] >= 0.15
+    for name in ("statistics", "factors", "precondition", "update"):
+        assert timer.seconds[name] > 0, name
+    _assert_phases_add_up(per_step)

@@ -17,6 +17,11 @@ for one small reduction that agrees on skipping.
 
 Optimizer state exists only for owned blocks, keyed by block id, as plain arrays and
 numbers (:meth:`state_dict`), so memory per rank falls as ``1/P``.
+
+With a :class:`~hpcqn.timing.PhaseTimer` set (``opt.timer``), the collectives of a step
+(steps 2 and 4; in mode ``"sharded"`` the skip reduction), the division by ``P`` and, in
+mode ``"replicated"``, the copies into and out of the rank-major order are timed as
+``"communication"``; a subclass's per-block work times its own phases.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backend import all_finite, check_float_array, namespace
+from ..backend import copy as backend_copy
 from ..comm import Communicator, get_comm
 from ..layout import BlockLayout
 from ..timing import PhaseTimer, phase
@@ -75,6 +81,7 @@ class BlockOptimizer:
         self.skipped_steps = 0
         self.timer: PhaseTimer | None = None  # set one to time the phases of a step
         self.block_state: dict[int, dict[str, Any]] = {}
+        self._loaded = False  # states from load_state_dict not yet checked at a step
         self._buffers: dict[str, Any] = {}
 
     # -- to be provided by subclasses ---------------------------------------------------
@@ -133,13 +140,15 @@ class BlockOptimizer:
 
     def _step_replicated(self, x: Any, g: Any, finite: bool) -> bool:
         layout = self.layout
-        send = self._buffer("send", layout.n + layout.nranks, g)
-        layout.to_rank_major(g, send, flag_slots=True)
-        self.write_flags(send, finite)
-        x_rank_major = layout.to_rank_major(x, self._buffer("x", layout.n, x))
+        with phase(self.timer, "communication"):  # the copies that feed the collectives
+            send = self._buffer("send", layout.n + layout.nranks, g)
+            layout.to_rank_major(g, send, flag_slots=True)
+            self.write_flags(send, finite)
+            x_rank_major = layout.to_rank_major(x, self._buffer("x", layout.n, x))
         took = self.step_rank_major(x_rank_major, send)
         if took:
-            layout.from_rank_major(x_rank_major, x)
+            with phase(self.timer, "communication"):
+                layout.from_rank_major(x_rank_major, x)
         return took
 
     def write_flags(self, send: Any, finite: bool) -> None:
@@ -157,24 +166,28 @@ class BlockOptimizer:
         """
         layout, comm = self.layout, self.comm
         count = layout.counts[self.rank]
-        if comm.size == 1 and not self.weight_decay:
-            mine = send  # one rank: the sum is this rank's gradient, and the update only reads it
-        else:
-            mine = comm.reduce_scatter(send, [c + 1 for c in layout.counts],
-                                       out=self._buffer("recv", count + 1, send))
-        if float(mine[-1]) > 0:
+        with phase(self.timer, "communication"):
+            if comm.size == 1 and not self.weight_decay:
+                mine = send  # one rank: the sum is this rank's gradient; the update only reads it
+            else:
+                mine = comm.reduce_scatter(send, [c + 1 for c in layout.counts],
+                                           out=self._buffer("recv", count + 1, send))
+            skip = float(mine[-1]) > 0  # on a GPU this waits for the reduction
+            grad = mine[:-1]
+            if not skip and layout.nranks > 1:
+                grad *= 1.0 / layout.nranks
+        if skip:
             self.skipped_steps += 1
             return False
-        grad = mine[:-1]
-        if layout.nranks > 1:
-            grad *= 1.0 / layout.nranks
         start = layout.segment_start(self.rank)
         self._update_owned(x[start : start + count], grad)
-        comm.allgatherv_inplace(x, list(layout.counts))
+        with phase(self.timer, "communication"):
+            comm.allgatherv_inplace(x, list(layout.counts))
         return True
 
     def _step_sharded(self, x: Any, g: Any, finite: bool) -> bool:
-        _, top = self.comm.allreduce_scalars([], [0.0 if finite else 1.0])
+        with phase(self.timer, "communication"):
+            _, top = self.comm.allreduce_scalars([], [0.0 if finite else 1.0])
         if top[0] > 0:
             self.skipped_steps += 1
             return False
@@ -183,6 +196,8 @@ class BlockOptimizer:
 
     def _update_owned(self, own: Any, grad: Any) -> None:
         """Update this rank's segment ``own`` in place from its averaged gradient."""
+        if self._loaded:
+            self._adopt_namespace(namespace(own))
         lr = self.current_lr()
         directions = {}
         for b in self.owned:
@@ -193,7 +208,8 @@ class BlockOptimizer:
             if state is None:
                 state = self.block_state[b] = self.init_block(b, theta, gb)
             directions[b] = self.direction(b, state, theta, gb)
-        scale = self.direction_scale(directions)
+        with phase(self.timer, "precondition"):  # its reduction counts as communication
+            scale = self.direction_scale(directions)
         with phase(self.timer, "update"):
             for b in self.owned:
                 self.apply(b, self.block_state[b], own[self.segment[b]], directions[b], lr,
@@ -205,9 +221,20 @@ class BlockOptimizer:
         """One block's state as plain arrays and numbers (copies)."""
         return {k: _copy(v) for k, v in state.items()}
 
-    def import_block(self, block: int, saved: State) -> State:
-        """The inverse of :meth:`export_block`."""
-        return {k: _copy(v) for k, v in saved.items()}
+    def import_block(self, block: int, saved: State, xp: Any = None) -> State:
+        """The inverse of :meth:`export_block`: copies, in namespace ``xp`` when given
+        (else in the saved arrays' own)."""
+        return {k: _copy(v, xp) for k, v in saved.items()}
+
+    def _adopt_namespace(self, xp: Any) -> None:
+        """Move loaded block states into ``xp``, the parameters' namespace, at the first
+        step after :meth:`load_state_dict`: a checkpoint gives arrays back on the host,
+        and a run on CuPy arrays needs its history and momentum on the device."""
+        for b, state in list(self.block_state.items()):
+            saved = self.export_block(state)
+            if any(hasattr(v, "nbytes") and namespace(v) is not xp for v in saved.values()):
+                self.block_state[b] = self.import_block(b, saved, xp)
+        self._loaded = False
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: counters and, per owned block id, plain arrays and numbers."""
@@ -227,6 +254,7 @@ class BlockOptimizer:
             for b, saved in state["blocks"].items()
             if int(b) in self.segment
         }
+        self._loaded = True
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state this rank holds (arrays only)."""
@@ -236,5 +264,10 @@ class BlockOptimizer:
         return total
 
 
-def _copy(value: Any) -> Any:
-    return value.copy() if hasattr(value, "nbytes") else value
+def _copy(value: Any, xp: Any = None) -> Any:
+    """A copy of an array (in namespace ``xp`` when given); other values as they are."""
+    if not hasattr(value, "nbytes"):
+        return value
+    if xp is None or namespace(value) is xp:
+        return backend_copy(value)
+    return xp.asarray(value)  # a copy onto xp's device

@@ -111,7 +111,8 @@ class MKOR(LayerwiseOptimizer):
     def _after_step(self, loss: Any) -> None:
         if self.switch is None:
             return
-        total, _ = self.comm.allreduce_scalars([float(loss)])
+        with phase(self.timer, "communication"):
+            total, _ = self.comm.allreduce_scalars([float(loss)])
         if self.switch.observe(total[0] / self.comm.size) and self.comm.rank == 0:
             print(f"MKOR-H: switched to the first-order optimizer after step "
                   f"{self.switch.switched_at}", flush=True)
