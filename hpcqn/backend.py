@@ -95,6 +95,13 @@ def astype(a: Any, dtype: Any, copy: bool = True) -> Any:
     return namespace(a).astype(a, dtype, copy=copy)
 
 
+def copy(a: Any) -> Any:
+    """A copy of ``a`` in its own namespace (the array's method where it has one)."""
+    if hasattr(a, "copy"):
+        return a.copy()
+    return namespace(a).asarray(a, copy=True)
+
+
 def norm(a: Any) -> float:
     """The 2-norm of ``a`` flattened (the Frobenius norm of a matrix)."""
     xp = namespace(a)

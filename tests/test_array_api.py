@@ -216,3 +216,39 @@ def test_mkor_update_and_precondition():
     for result, reference in zip(runs[1].precondition([strict(g) for g in grads]), references,
                                  strict=True):
         close(result, reference)
+
+
+def test_loaded_mlbfgs_state_moves_to_the_parameters_namespace():
+    """A checkpoint gives NumPy arrays back; the first step after ``load_state_dict``
+    moves every block's momentum and history into the parameters' namespace (CuPy on a
+    GPU; the strict namespace here) with the same numbers."""
+    from hpcqn.layout import BlockLayout
+
+    rng = np.random.default_rng(5)
+    a, b = np.diag(np.linspace(1.0, 10.0, 30)), rng.standard_normal(30)
+
+    def make():
+        return hpcqn.MLBFGS(BlockLayout.from_sizes([10, 12, 8], 1), hpcqn.serial_comm(),
+                            lr=0.2, period=2)
+
+    opt, x = make(), np.zeros(30)
+    for _ in range(6):
+        opt.step(x, a @ x - b)
+    saved = opt.state_dict()
+    fresh = make()
+    fresh.load_state_dict(saved)
+    fresh._adopt_namespace(xps)
+    assert not fresh._loaded
+    moved = fresh.state_dict()["blocks"]
+    for block, arrays in saved["blocks"].items():
+        assert moved[block].keys() == arrays.keys()
+        for key, value in arrays.items():
+            host = ("history_sy", "history_yy", "history_order")  # small, kept on the host
+            if hasattr(value, "nbytes") and key not in host:
+                assert backend.namespace(moved[block][key]) is xps, key
+            np.testing.assert_array_equal(np.asarray(moved[block][key]), value)
+    same = make()
+    same.load_state_dict(saved)
+    same._adopt_namespace(np)  # already NumPy: nothing to move
+    for arrays in same.state_dict()["blocks"].values():
+        assert all(backend.namespace(v) is np for v in arrays.values() if hasattr(v, "nbytes"))

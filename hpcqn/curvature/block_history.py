@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from ..backend import axpy, matmul_into, to_host
+from ..backend import axpy, copy, dtype_name, matmul_into, namespace, to_host
 
 
 class BlockHistory:
@@ -84,7 +84,7 @@ class BlockHistory:
     def state_dict(self) -> dict[str, Any]:
         """Plain arrays: the pairs, their products and the slot order (oldest first)."""
         return {
-            "vectors": self.vectors.copy(),
+            "vectors": copy(self.vectors),
             "sy": self.sy.copy(),
             "yy": self.yy.copy(),
             "order": np.array(self.order, dtype=np.int64),
@@ -93,7 +93,8 @@ class BlockHistory:
     @classmethod
     def from_state(cls, saved: dict[str, Any], xp: ModuleType) -> BlockHistory:
         vectors = saved["vectors"]
-        history = cls(vectors.shape[1], vectors.shape[0] // 2, xp, vectors.dtype)
+        dtype = getattr(xp, dtype_name(vectors.dtype, namespace(vectors)))  # xp's own dtype
+        history = cls(vectors.shape[1], vectors.shape[0] // 2, xp, dtype)
         history.vectors[...] = xp.asarray(vectors)
         history.sy[...] = saved["sy"]
         history.yy[...] = saved["yy"]

@@ -201,9 +201,9 @@ class MLBFGS(BlockOptimizer):
         saved.update({f"history_{k}": v for k, v in state["history"].state_dict().items()})
         return saved
 
-    def import_block(self, block: int, saved: State) -> State:
+    def import_block(self, block: int, saved: State, xp: Any = None) -> State:
         state = super().import_block(block, {k: v for k, v in saved.items()
-                                             if not k.startswith("history_")})
+                                             if not k.startswith("history_")}, xp)
         history = {k[len("history_"):]: v for k, v in saved.items() if k.startswith("history_")}
         state["history"] = BlockHistory.from_state(history, namespace(state["theta_mom"]))
         return state
