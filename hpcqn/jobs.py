@@ -289,6 +289,9 @@ def _run_stochastic(path: str | Path, config: dict[str, Any], c: Communicator,
     methods = dict(config.get("methods", {}))
     if not methods:
         raise JobError(f"{path}: a stochastic job needs at least one [methods.NAME] table")
+    if train.get("device", "cpu") != "cpu":
+        raise JobError(f"{path}: [train] device applies to torch jobs; stochastic "
+                       f"problems run on NumPy arrays (device = \"cpu\" or leave it out)")
     if name not in STOCHASTIC_PROBLEMS:
         raise JobError(f"{path}: unknown stochastic problem {name!r}; known: "
                        f"{sorted(STOCHASTIC_PROBLEMS)}")

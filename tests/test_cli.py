@@ -111,6 +111,8 @@ def test_stochastic_job_under_mpiexec(tmp_path):
          "unknown option"),
         ("[job]\nkind = 'minimize'\n[problme]\n", "unknown section"),
         ("[job\n", "not valid TOML"),
+        ("[job]\nkind = 'stochastic'\n[problem]\nname = 'digits_softmax'\n[train]\n"
+         "device = 'cuda'\n[methods.sgd]\nlr = 0.1\n", "[train] device applies to torch jobs"),
     ],
 )
 def test_bad_job_files(tmp_path, content, message):
