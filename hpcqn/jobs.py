@@ -35,6 +35,7 @@ Unknown sections or keys are errors, raised before any work starts.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -93,6 +94,12 @@ def load_job(path: str | Path) -> dict[str, Any]:
     job.setdefault("name", path.stem)
     config["job"] = job
     return config
+
+
+def _device(train_options: dict[str, Any]) -> str:
+    """Where a torch job trains: ``HPCQN_DEVICE`` when set (it overrides the job file, for
+    one run or a test suite), else ``[train] device``, else "auto"."""
+    return os.environ.get("HPCQN_DEVICE") or str(train_options.get("device", "auto"))
 
 
 def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None,
@@ -170,7 +177,7 @@ def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
                         hidden=int(model.get("hidden", 128)),
                         checkpoint_dir=run_dir / "checkpoints" / method,
                         checkpoint_every=int(train_options.get("checkpoint_every", 0)),
-                        stop=stop, device=str(train_options.get("device", "auto")))
+                        stop=stop, device=_device(train_options))
         except Preempted as exc:
             if c.rank == 0:
                 print(f"hpcqn run: {method}: {exc}; run the same command to resume "

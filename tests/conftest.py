@@ -8,6 +8,9 @@ import os
 # One thread per rank: several ranks share two cores in CI.
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
+# Jobs started by the tests (``hpcqn run`` in subprocesses) train on the CPU even where a
+# GPU exists: the tests compare runs exactly. tests/test_gpu.py asks for CUDA explicitly.
+os.environ.setdefault("HPCQN_DEVICE", "cpu")
 
 import pytest  # noqa: E402
 

@@ -179,14 +179,21 @@ def test_training_device_with_a_device_torch_cannot_use(clean_env):
         select_device("cuda", comm)
 
 
-def test_job_asking_for_cuda_without_one_is_a_job_error(tmp_path, clean_env):
+@pytest.mark.parametrize(("in_file", "in_env"), [("cuda", None), ("cpu", "cuda")])
+def test_job_asking_for_cuda_without_one_is_a_job_error(tmp_path, clean_env, in_file,
+                                                        in_env):
+    """``[train] device = "cuda"``, or ``HPCQN_DEVICE=cuda`` over a job file's "cpu",
+    on a machine without a GPU: a job error naming the reason."""
     pytest.importorskip("torch")
     from hpcqn.jobs import JobError, run_job
 
     if device.device_count()[0]:
         pytest.skip("a GPU is present")
+    clean_env.delenv("HPCQN_DEVICE", raising=False)  # tests/conftest.py sets cpu
+    if in_env is not None:
+        clean_env.setenv("HPCQN_DEVICE", in_env)
     job = tmp_path / "gpu.toml"
     job.write_text('[job]\nkind = "torch"\n[model]\nname = "mlp"\n'
-                   '[train]\nepochs = 1\ndevice = "cuda"\n[methods.sgd]\nlr = 0.1\n')
+                   f'[train]\nepochs = 1\ndevice = "{in_file}"\n[methods.sgd]\nlr = 0.1\n')
     with pytest.raises(JobError, match="method 'sgd': device 'cuda' asked for"):
         run_job(job, hq.serial_comm(), output=str(tmp_path / "run" / "metrics.json"))
