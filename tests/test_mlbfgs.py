@@ -229,6 +229,25 @@ def test_non_finite_pair_is_skipped_and_counted():
     assert opt.statistics() == {"npairs": 1, "skipped_pairs": 1, "skipped_steps": 0}
 
 
+@pytest.mark.parametrize(("min_cos", "pushed"), [(0.0, 2), (0.05, 2), (0.2, 1), (0.6, 0)])
+def test_min_cos_skips_nearly_orthogonal_pairs(min_cos, pushed):
+    """Two pairs by hand (beta 0: s and y are the last period's changes of theta and g):
+    cos(s, y) = 0.1 for the first, 0.5 for the second. ``min_cos`` skips the pairs at or
+    below it and counts them; 0 (the default) keeps both."""
+    layout = BlockLayout.chunks(2, 2, 1)
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=1e-12, period=1, beta=0.0, damping=0.0,
+                 min_cos=min_cos, **PLAIN)
+    x = np.zeros(2)
+    opt.step(x, np.zeros(2))  # step 0: the reference point
+    for cos in (0.1, 0.5):  # s = e1 (x moved by hand), y at angle acos(cos) to it
+        x += np.array([1.0, 0.0])
+        opt.step(x, np.array([cos, np.sqrt(1.0 - cos**2)]) + opt.block_state[0]["grad_mom"])
+    state = opt.block_state[0]
+    assert state["npairs"] == pushed and state["skipped_pairs"] == 2 - pushed
+    with pytest.raises(ValueError, match="min_cos"):
+        MLBFGS(layout, hpcqn.serial_comm(), min_cos=1.0)
+
+
 def test_rank_sorted_layout_is_rank_major():
     layout = BlockLayout.from_sizes([5, 3, 8, 2, 2], 3)
     sorted_layout, old_ids = layout.rank_sorted()

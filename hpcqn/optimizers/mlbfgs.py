@@ -7,7 +7,8 @@ ALGORITHMS.md section 1, per block ``b`` that this rank owns, at step ``t``::
     every `period` steps (t > 0, t % period == 0):
         s = Mth - Mth_prev ; y = Mg - Mg_prev ; Mth_prev, Mg_prev = Mth, Mg
         y_hat = tau y + (1 - tau) s            (hpcqn.curvature.damping)
-        push (s, y_hat) when s.y_hat is finite and > 0, else skip and count
+        push (s, y_hat) when s.y_hat is finite and > 0 (and, with min_cos > 0, when
+        s.y > min_cos |s| |y|), else skip and count
     d = H_b g_b  (compact form, H0 = gamma I; d = g_b until the block has a pair)
     theta_b -= lr d
 
@@ -22,6 +23,13 @@ factors large), and on the digits MLP plain steps diverged at every learning rat
 tried, while normalised steps did not (``benchmarks/bench_mlbfgs.py`` and the torch
 jobs). ``beta=0.99``, ``period=20``, ``history=10``, ``damping=0.01`` are the best of
 that benchmark; the paper used ``beta=0.999``, ``period=50`` at ImageNet scale.
+
+``min_cos`` (off by default) also skips a pair whose ``s`` and ``y`` are nearly
+orthogonal (``cos(s, y) <= min_cos``, before damping). Such a pair is mostly noise and
+stretches ``H`` along ``s`` by about ``1 / cos^2``; on the digits CNN it let the smallest
+block take most of the normalised step and one seed diverge. ``min_cos=0.2`` fixed that
+(3 of 3 seeds at lr 0.1 and 0.3); it is not yet the default because the committed
+benchmarks were run without it.
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ class MLBFGS(BlockOptimizer):
         pair_smoothing: float = 0.0,
         normalize_direction: bool = True,
         direction_momentum: float = 0.9,
+        min_cos: float = 0.0,
     ):
         super().__init__(layout, comm, lr=lr, weight_decay=weight_decay, mode=mode)
         if int(history) != history or history < 1:
@@ -80,7 +89,7 @@ class MLBFGS(BlockOptimizer):
         if int(period) != period or period < 1:
             raise ValueError(f"period must be a positive integer, got {period}")
         for name, value in (("beta", beta), ("pair_smoothing", pair_smoothing),
-                            ("direction_momentum", direction_momentum)):
+                            ("direction_momentum", direction_momentum), ("min_cos", min_cos)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if momentum_form not in MOMENTUM_FORMS:
@@ -94,6 +103,7 @@ class MLBFGS(BlockOptimizer):
         self.pair_smoothing = float(pair_smoothing)
         self.normalize_direction = bool(normalize_direction)
         self.direction_momentum = float(direction_momentum)
+        self.min_cos = float(min_cos)
 
     # -- per block -------------------------------------------------------------------------
     def init_block(self, block: int, theta: Any, g: Any) -> State:
@@ -146,7 +156,9 @@ class MLBFGS(BlockOptimizer):
             tau = damping_tau(mu, self.damping, self.sigma_l, self.sigma_h)
             y_hat = tau * y + (1.0 - tau) * s
             s_yhat = float(s @ y_hat)
-        if math.isfinite(s_yhat) and s_yhat > 0.0 and ss > 0.0:
+            aligned = (not self.min_cos
+                       or sy > self.min_cos * math.sqrt(ss * float(y @ y)))
+        if math.isfinite(s_yhat) and s_yhat > 0.0 and ss > 0.0 and aligned:
             history.push(s, y_hat)
             state["npairs"] += 1
         else:

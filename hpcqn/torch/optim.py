@@ -32,7 +32,7 @@ from ..timing import PhaseTimer
 from .data import check_same_parameters
 
 CORE_OPTIONS = ("history", "period", "beta", "damping", "sigma_l", "sigma_h", "momentum_form",
-                "pair_smoothing", "normalize_direction", "direction_momentum")
+                "pair_smoothing", "normalize_direction", "direction_momentum", "min_cos")
 
 
 def layer_blocks(params: Sequence[torch.Tensor], max_block_size: int | None = None) -> list[int]:
