@@ -245,8 +245,10 @@ def step_timing(n: int, steps: int) -> StepTiming:
     noise = [rng.standard_normal(n, dtype=np.float32) for _ in range(NOISE_VECTORS)]
     x = np.zeros(n, dtype=np.float32)
     g = np.empty_like(x)
+    # min_cos=0: the timing needs full histories (random gradients give pairs near
+    # orthogonality; the pair test costs one dot product per pair)
     opt = MLBFGS(layout, hpcqn.serial_comm(), lr=STEP_LR, history=HISTORY, period=1,
-                 beta=0.9)
+                 beta=0.9, min_cos=0.0)
     warmup = 0
     while min((len(s["history"]) for s in opt.block_state.values()), default=0) < HISTORY:
         if warmup >= 5 * HISTORY:

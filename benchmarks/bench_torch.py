@@ -246,8 +246,10 @@ class Trainer:
         self.params = sum(p.numel() for p in self.model.parameters())
         self.opt: torch.optim.Optimizer
         if method == "mlbfgs":
+            # min_cos=0: the timing needs full histories (the pair test costs one dot
+            # product per pair, and training runs keep the default)
             self.opt = MLBFGS(self.model.parameters(), comm, lr=MLBFGS_LR, history=HISTORY,
-                              period=period)
+                              period=period, min_cos=0.0)
         else:
             self.opt = torch.optim.SGD(self.model.parameters(), lr=SGD_LR, momentum=MOMENTUM)
         self.batches = endless(GlobalBatches(self.y.numel(), batch, comm, seed=0))

@@ -125,7 +125,10 @@ def build_optimizer(method: str, model: nn.Module) -> torch.optim.Optimizer:
     if method == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
     if method == "mlbfgs":  # period 1 while the histories fill (see fill_history)
-        return MLBFGS(model.parameters(), comm, lr=0.1, history=HISTORY, period=1)
+        # min_cos=0: the timing needs full histories, and pairs formed on this fixed
+        # random batch may be nearly orthogonal; the test costs one dot per pair.
+        return MLBFGS(model.parameters(), comm, lr=0.1, history=HISTORY, period=1,
+                      min_cos=0.0)
     if method == "mkor":
         return MKOR(model, comm, optimizer="sgd", lr=0.01, inv_freq=INV_FREQ)
     if method == "kfac":
