@@ -170,6 +170,16 @@ def test_stabilise_and_sherman_morrison_functions():
     close(sx, x)
 
 
+def assert_same_preconditioning(runs, shapes, rng) -> None:
+    """``runs[1]`` (strict namespace) preconditions random gradients as ``runs[0]``
+    (NumPy) does."""
+    grads = [rng.standard_normal(shape) for shape in shapes]
+    references = runs[0].precondition(grads)
+    for result, reference in zip(runs[1].precondition([strict(g) for g in grads]), references,
+                                 strict=True):
+        close(result, reference)
+
+
 def test_kfac_damped_inverse_and_eigh():
     rng = np.random.default_rng(5)
     f = spd(rng, 8)
@@ -194,11 +204,7 @@ def test_kfac_precondition(method):
         runs[1].update_factors([(strict(a), strict(g)) for a, g in stats])
     for run in runs:
         run.update_inverses()
-    grads = [rng.standard_normal(shape) for shape in shapes]
-    references = runs[0].precondition(grads)
-    for result, reference in zip(runs[1].precondition([strict(g) for g in grads]), references,
-                                 strict=True):
-        close(result, reference)
+    assert_same_preconditioning(runs, shapes, rng)
 
 
 def test_mkor_update_and_precondition():
@@ -211,11 +217,7 @@ def test_mkor_update_and_precondition():
         stats = [(2.0 * rng.standard_normal(i), 2.0 * rng.standard_normal(o)) for o, i in shapes]
         runs[0].update_factors(stats)
         runs[1].update_factors([(strict(a), strict(g)) for a, g in stats])
-    grads = [rng.standard_normal(shape) for shape in shapes]
-    references = runs[0].precondition(grads)
-    for result, reference in zip(runs[1].precondition([strict(g) for g in grads]), references,
-                                 strict=True):
-        close(result, reference)
+    assert_same_preconditioning(runs, shapes, rng)
 
 
 def test_loaded_mlbfgs_state_moves_to_the_parameters_namespace():

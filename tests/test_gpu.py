@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from stops import StopAt
 
 import hpcqn
 from hpcqn import backend
@@ -243,21 +244,6 @@ def test_two_ranks_share_one_gpu(aware):
 
 
 
-class _StopAt:
-    """A stop flag that reports SIGUSR1 after ``step`` steps (as tests/test_resume.py)."""
-
-    def __init__(self, step):
-        self.step, self.calls, self.signum = step, 0, None
-
-    def agreed(self, comm):
-        import signal
-
-        self.calls += 1
-        if self.calls == self.step:
-            self.signum = signal.SIGUSR1
-        return self.signum is not None
-
-
 @pytest.mark.parametrize("method", ["mlbfgs", "mkor", "kfac", "sgd"])
 def test_training_on_cuda_equals_cpu_and_resumes_across_devices(method, tmp_path):
     """``train(device="cuda")`` (what ``hpcqn run`` does on a GPU node) gives the CPU
@@ -281,7 +267,7 @@ def test_training_on_cuda_equals_cpu_and_resumes_across_devices(method, tmp_path
     np.testing.assert_allclose([r["train_loss"] for r in gpu["records"]],
                                [r["train_loss"] for r in cpu["records"]], rtol=1e-8)
     with pytest.raises(Preempted):
-        run("cuda", checkpoint_dir=tmp_path, stop=_StopAt(7))
+        run("cuda", checkpoint_dir=tmp_path, stop=StopAt(7))
     resumed = run("cpu", checkpoint_dir=tmp_path)
     np.testing.assert_allclose(resumed["records"][-1]["train_loss"],
                                cpu["records"][-1]["train_loss"], rtol=1e-8)

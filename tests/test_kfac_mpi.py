@@ -6,10 +6,10 @@ mode resumes in one process like the unbroken one-rank run."""
 from __future__ import annotations
 
 import shutil
-import signal
 
 import numpy as np
 import pytest
+from stops import StopAt
 
 torch = pytest.importorskip("torch")
 
@@ -81,16 +81,6 @@ def test_factor_traffic_is_the_factors_entries(comm):
 def test_saved_on_p_ranks_resumes_in_one_process(comm, tmp_path_factory):
     """Owner placement stopped after 7 steps on P ranks and checkpointed; every rank then
     resumes a copy alone with the whole batch: equal to the unbroken one-rank run."""
-
-    class StopAt:
-        def __init__(self, step):
-            self.step, self.calls, self.signum = step, 0, None
-
-        def agreed(self, comm):
-            self.calls += 1
-            if self.calls == self.step:
-                self.signum = signal.SIGUSR1
-            return self.signum is not None
 
     options = {"lr": 0.05, "inv_freq": 3, "damping": 0.1, "placement": "owner"}
     base = comm.bcast_object(str(tmp_path_factory.mktemp("ck")) if comm.rank == 0 else None)

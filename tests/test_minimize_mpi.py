@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from stops import StopAt
 
 import hpcqn
 from hpcqn.layout import SliceLayout
@@ -261,21 +262,6 @@ def test_plain_mpi4py_communicator(comm):
     fun, x0 = problem.distributed(comm.mpi_comm)
     res = hpcqn.minimize(fun, x0, comm=comm.mpi_comm, options=OPTIONS)
     assert res.success and res.nit == reference(problem).nit
-
-
-class StopAt:
-    """Reports a signal (as SIGUSR1 would) at its ``step``-th check."""
-
-    def __init__(self, step):
-        self.step, self.calls, self.signum = step, 0, None
-
-    def agreed(self, comm):
-        self.calls += 1
-        if self.calls == self.step:
-            import signal
-
-            self.signum = signal.SIGUSR1
-        return self.signum is not None
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

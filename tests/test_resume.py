@@ -4,9 +4,8 @@ float32; a checkpoint of another configuration is refused."""
 
 from __future__ import annotations
 
-import signal
-
 import pytest
+from stops import StopAt
 
 torch = pytest.importorskip("torch")
 
@@ -21,19 +20,6 @@ OPTIONS = {"mlbfgs": {"lr": 0.1, "period": 5}, "mkor": {"lr": 0.05, "inv_freq": 
            "mkor_h": {"lr": 0.05, "inv_freq": 4, "hybrid_window": 5},
            "kfac": {"lr": 0.05, "inv_freq": 4, "damping": 0.1, "placement": "owner"},
            "sgd": {"lr": 0.1, "momentum": 0.9}, "adam": {"lr": 0.01}}
-
-
-class StopAt:
-    """A stop flag that reports a signal after ``step`` steps (what a SIGUSR1 would do)."""
-
-    def __init__(self, step):
-        self.step, self.calls, self.signum = step, 0, None
-
-    def agreed(self, comm):
-        self.calls += 1
-        if self.calls == self.step:
-            self.signum = signal.SIGUSR1
-        return self.signum is not None
 
 
 def run(method, tmp_path=None, stop=None, dtype=torch.float64, model="cnn", **extra):
