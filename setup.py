@@ -31,11 +31,15 @@ setup(
         "torch": ["torch>=2.1,<3"],
         "gpu": ["cupy-cuda12x>=13"],
         "plot": ["matplotlib>=3.5"],
+        # hpcqn.experiments (the built-in problems and the jobs of `hpcqn run`): their data
+        # sets ship with scikit-learn.
+        "experiments": ["scikit-learn>=1.2"],
         "test": [
             "pytest>=7",
             "pytest-mpi>=0.6",
             "pytest-timeout>=2.1",
             "scikit-learn>=1.2",
+            "hypothesis>=6",
             "ruff>=0.4",
             # tests/test_array_api.py: the kernels under a strict array-API namespace
             "array-api-strict>=2.0",

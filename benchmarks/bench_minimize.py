@@ -47,7 +47,7 @@ import scipy.optimize  # noqa: E402
 from common import machine, triad_bandwidth  # noqa: E402
 
 import hpcqn  # noqa: E402
-from hpcqn.problems import make_problem  # noqa: E402
+from hpcqn.experiments.problems import make_problem  # noqa: E402
 
 PROBLEM = "extended_rosenbrock"
 HISTORY = 10

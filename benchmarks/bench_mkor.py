@@ -27,8 +27,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import hpcqn  # noqa: E402
-from hpcqn.jobs import load_job  # noqa: E402
-from hpcqn.torch.train import train  # noqa: E402
+from hpcqn.experiments.jobs import load_job  # noqa: E402
+from hpcqn.experiments.training import train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402

@@ -4,7 +4,7 @@ of one optimizer step at n = 1e7.
 Three parts, all measured in one run of this script (one process, one BLAS thread):
 
 1. **Time to target** on multinomial logistic regression on scikit-learn's digits
-   (``hpcqn.problems.DigitsSoftmax``: 650 parameters, one block per class) with
+   (``hpcqn.experiments.problems.DigitsSoftmax``: 650 parameters, one block per class) with
    ``hpcqn.minimize_stochastic``: batch 60, 20 epochs, cosine learning-rate schedule, the
    same batches for every run. Each method gets a small learning-rate grid (SGD with
    momentum 0.9; Adam; mL-BFGS with beta 0.99, period 20, history 10, with plain steps
@@ -63,11 +63,11 @@ import scipy.optimize  # noqa: E402
 from common import history_products_timer, machine, triad_bandwidth  # noqa: E402
 
 import hpcqn  # noqa: E402
+from hpcqn.experiments.problems import DigitsSoftmax  # noqa: E402
 from hpcqn.layout import BlockLayout  # noqa: E402
 from hpcqn.optimizers.blockwise import BlockOptimizer  # noqa: E402
 from hpcqn.optimizers.first_order import SGD  # noqa: E402
 from hpcqn.optimizers.mlbfgs import MLBFGS  # noqa: E402
-from hpcqn.problems import DigitsSoftmax  # noqa: E402
 from hpcqn.stochastic import minimize_stochastic  # noqa: E402
 
 # Part 1: the digits job.

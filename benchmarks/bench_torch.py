@@ -7,7 +7,7 @@ process):
 
 1. **Per-iteration time** of mL-BFGS (``hpcqn.torch.MLBFGS``, history 10, period 20) and
    SGD (``torch.optim.SGD``, momentum 0.9, gradients averaged over ranks with
-   ``hpcqn.torch.average_gradients``) on the digits CNN (``hpcqn.torch.train.make_model
+   ``hpcqn.torch.average_gradients``) on the digits CNN (``hpcqn.experiments.training.make_model
    ("cnn")``) and on an MLP of about 5M float32 parameters on the 8x8 digits (64 -> 1110
    -> 1110 -> 1110 -> 1110 -> 1110 -> 10: four equal hidden-to-hidden layers, so that the
    per-layer blocks can be shared evenly by two ranks), global batch 128 and 1024, on 1
@@ -37,10 +37,10 @@ process):
    Overhead = the median of the per-round differences over the median core step (goal
    < 5%); the bridge's extra work is also timed alone.
 4. **Epochs and seconds to 95% test accuracy** on the digits MLP of
-   ``hpcqn.torch.train`` (64 -> 128 -> 128 -> 10) with ``hpcqn.torch.train.train``: 15
-   epochs, batch 64, cosine schedule, 1 rank; mL-BFGS lr 0.3 (history 10, period 20),
-   SGD lr 0.3 momentum 0.9, Adam lr 0.01. Seconds are training time only (the per-epoch
-   evaluation excluded), median of the repeats.
+   ``hpcqn.experiments.training`` (64 -> 128 -> 128 -> 10) with
+   ``hpcqn.experiments.training.train``: 15 epochs, batch 64, cosine schedule, 1 rank;
+   mL-BFGS lr 0.3 (history 10, period 20), SGD lr 0.3 momentum 0.9, Adam lr 0.01.
+   Seconds are training time only (the per-epoch evaluation excluded), median of the repeats.
 
 Run from the repository root (about 70 seconds on two cores with the defaults; under 20
 seconds with ``--quick``)::
@@ -83,8 +83,8 @@ from torch import nn  # noqa: E402
 
 import hpcqn  # noqa: E402
 from hpcqn.comm import Communicator  # noqa: E402
+from hpcqn.experiments.training import digits, make_model, train  # noqa: E402
 from hpcqn.torch import MLBFGS, GlobalBatches, average_gradients, broadcast_parameters  # noqa: E402
-from hpcqn.torch.train import digits, make_model, train  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -199,7 +199,7 @@ class TargetRun:
 
 # -- models and data ---------------------------------------------------------------------
 def build_model(name: str, hidden: int) -> nn.Module:
-    """``cnn``: the digits CNN of hpcqn.torch.train; ``mlp``: 64 -> hidden (x
+    """``cnn``: the digits CNN of hpcqn.experiments.training; ``mlp``: 64 -> hidden (x
     MLP_HIDDEN_LAYERS) -> 10, ReLU, float32, from seed 0."""
     if name == "cnn":
         return make_model("cnn", seed=0, dtype=torch.float32)

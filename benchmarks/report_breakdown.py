@@ -97,9 +97,15 @@ def measure(model_name: str, job_file: str, hidden: int, method: str, comm: Any,
     the block with the median iteration time is kept (robust to a busy machine)."""
     import torch
 
+    from hpcqn.experiments.training import (
+        SELF_AVERAGING,
+        digits,
+        loss_of,
+        make_model,
+        make_optimizer,
+    )
     from hpcqn.torch import average_gradients
     from hpcqn.torch.data import GlobalBatches
-    from hpcqn.torch.train import SELF_AVERAGING, digits, loss_of, make_model, make_optimizer
 
     data = digits(0)
     model = make_model(model_name, hidden, 0)

@@ -31,8 +31,8 @@ from torch import nn
 
 import hpcqn
 from hpcqn.comm import Communicator
+from hpcqn.experiments.training import make_model
 from hpcqn.torch import KFAC, MKOR, MLBFGS, average_gradients
-from hpcqn.torch.train import make_model
 
 METHODS = ("sgd", "mlbfgs", "mkor", "mkor_owner", "kfac", "kfac_owner")
 RANKS = (1, 2, 4)
@@ -367,7 +367,7 @@ def render(res: CommResults, out: Path, quick: bool) -> str:
     lines = [
         "## Communication per step vs ranks",
         "",
-        f"The digits MLP of `hpcqn.torch.train.make_model(\"mlp\")` (64-128-128-10: n = "
+        f"The digits MLP of `hpcqn.experiments.training.make_model(\"mlp\")` (64-128-128-10: n = "
         f"{s.n:,} parameters in T = {s.tensors} tensors; L = {len(s.shapes)} layers of "
         f"d_out x d_in = {shapes} with the bias column; Σ(d_in + d_out) = {s.sum_d:,}, "
         f"Σ(d_in² + d_out²) = {s.sum_d2:,}), float32, global batch {GLOBAL_BATCH} of random "

@@ -178,7 +178,7 @@ class ConvergenceResults:
 
 # -- jobs ------------------------------------------------------------------------------------
 def _load(name: str) -> dict[str, Any]:
-    from hpcqn.jobs import load_job
+    from hpcqn.experiments.jobs import load_job
 
     return load_job(rc.ROOT / "jobs" / f"{name}.toml")
 
@@ -235,7 +235,7 @@ def train_once(job: Job, method: str, lr: float, seed: int, epochs: int | None =
     runs (overflow, non-finite statistics) are silenced: the grid has such runs by
     design, and their final loss says what happened."""
     from hpcqn.comm import get_comm
-    from hpcqn.torch.train import train
+    from hpcqn.experiments.training import train
 
     options = {**job.options[method], "lr": lr}
     try:

@@ -1,6 +1,6 @@
 # ruff: noqa: E402  (one thread per process, set before NumPy and torch load)
 """Report section: ``hpcqn.minimize`` against SciPy's L-BFGS-B and ``torch.optim.LBFGS``
-on the deterministic test problems of :mod:`hpcqn.problems`, one process, float64.
+on the deterministic test problems of :mod:`hpcqn.experiments.problems`, one process, float64.
 
 Every solver calls the same NumPy objective (``Problem.value_and_grad``; hpcqn through
 ``Problem.distributed`` on one rank), from the same start, with history 10 and the same
@@ -26,7 +26,7 @@ import scipy.optimize
 import torch
 
 import hpcqn
-from hpcqn.problems import make_problem
+from hpcqn.experiments.problems import make_problem
 
 HISTORY = 10
 GTOL = 1e-5  # max |g_i| (SciPy's gtol, torch's tolerance_grad)
@@ -223,8 +223,8 @@ def render(res: MinimizeResults, out: Path, quick: bool) -> str:
     lines = [
         "## hpcqn.minimize vs SciPy L-BFGS-B and torch.optim.LBFGS",
         "",
-        f"The deterministic problems of `hpcqn.problems` (extended Rosenbrock, Powell and "
-        f"Wood, Broyden tridiagonal: Moré-Garbow-Hillstrom; a diagonal quadratic of "
+        f"The deterministic problems of `hpcqn.experiments.problems` (extended Rosenbrock, "
+        f"Powell and Wood, Broyden tridiagonal: Moré-Garbow-Hillstrom; a diagonal quadratic of "
         f"condition 1e4; L2-regularised logistic regression on the breast-cancer data, 31 "
         f"weights) at n = {', '.join(f'{n:,}' for n in sizes)}"
         f"{' (quick mode)' if quick else ''}, float64, one process, one thread, from the "

@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return plot_command(args.runs, args.output)
     from .checkpoint import CheckpointError
     from .comm import RemoteRankError, get_comm
-    from .jobs import JobError, run_job
+    from .experiments.jobs import JobError, run_job
     from .signals import EXIT_PREEMPTED, StopFlag
 
     problem = slurm_mismatch(get_comm().size)

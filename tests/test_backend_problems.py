@@ -8,7 +8,7 @@ import scipy.optimize
 
 import hpcqn
 from hpcqn import backend
-from hpcqn.problems import PROBLEMS, make_problem
+from hpcqn.experiments.problems import PROBLEMS, make_problem
 
 SIZES = {"logistic": 31, "quadratic": 40}
 

@@ -72,7 +72,7 @@ def test_run_two_ranks_matches_one(tmp_path):
 
 
 def test_shipped_job_files_are_valid():
-    from hpcqn.jobs import load_job
+    from hpcqn.experiments.jobs import load_job
 
     config = load_job(ROOT / "jobs" / "rosenbrock.toml")
     assert config["problem"]["name"] == "extended_rosenbrock" and config["problem"]["n"] >= 1e5

@@ -151,7 +151,7 @@ def test_training_device_selection_without_a_gpu(clean_env):
     """``device`` of a training run: "cpu" and "auto" train on the CPU here, "cuda" is
     an error that says why, anything else is rejected."""
     torch = pytest.importorskip("torch")
-    from hpcqn.torch.train import select_device
+    from hpcqn.experiments.training import select_device
 
     comm = hq.serial_comm()
     clean_env.setattr(device, "device_count", lambda: (0, "CuPy is not installed"))
@@ -169,7 +169,7 @@ def test_training_device_with_a_device_torch_cannot_use(clean_env):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("torch has CUDA here")
-    from hpcqn.torch.train import select_device
+    from hpcqn.experiments.training import select_device
 
     _stand_in_modules(clean_env)
     clean_env.setattr(device, "device_count", lambda: (1, "CuPy"))
@@ -185,7 +185,7 @@ def test_job_asking_for_cuda_without_one_is_a_job_error(tmp_path, clean_env, in_
     """``[train] device = "cuda"``, or ``HPCQN_DEVICE=cuda`` over a job file's "cpu",
     on a machine without a GPU: a job error naming the reason."""
     pytest.importorskip("torch")
-    from hpcqn.jobs import JobError, run_job
+    from hpcqn.experiments.jobs import JobError, run_job
 
     if device.device_count()[0]:
         pytest.skip("a GPU is present")

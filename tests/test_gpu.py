@@ -147,7 +147,7 @@ def test_torch_bridge_on_cuda_equals_cpu(method):
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
     import hpcqn.torch as ht
-    from hpcqn.torch.train import make_model
+    from hpcqn.experiments.training import make_model
 
     rng = np.random.default_rng(2)
     x = torch.as_tensor(rng.standard_normal((64, 1, 8, 8)))
@@ -252,8 +252,8 @@ def test_training_on_cuda_equals_cpu_and_resumes_across_devices(method, tmp_path
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
+    from hpcqn.experiments.training import train
     from hpcqn.signals import Preempted
-    from hpcqn.torch.train import train
 
     comm = hpcqn.serial_comm()
     options = {"lr": 0.05, "damping": 0.1} if method == "kfac" else {"lr": 0.05}

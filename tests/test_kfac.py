@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 
 import hpcqn  # noqa: E402
 import hpcqn.torch as ht  # noqa: E402
+from hpcqn.experiments.training import digits, make_model, train  # noqa: E402
 from hpcqn.optimizers.kfac import KFAC, damped_eigh, damped_inverse, kl_clip_scale  # noqa: E402
-from hpcqn.torch.train import digits, make_model, train  # noqa: E402
 
 nn = torch.nn
 torch.set_num_threads(1)

@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 
 import hpcqn  # noqa: E402
 import hpcqn.torch as ht  # noqa: E402
+from hpcqn.experiments.training import digits, make_model, train  # noqa: E402
 from hpcqn.signals import Preempted  # noqa: E402
-from hpcqn.torch.train import digits, make_model, train  # noqa: E402
 
 pytestmark = pytest.mark.mpi
 torch.set_num_threads(1)

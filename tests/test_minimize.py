@@ -9,7 +9,7 @@ import pytest
 import scipy.optimize
 
 import hpcqn
-from hpcqn.problems import make_problem
+from hpcqn.experiments.problems import make_problem
 
 # (problem, n, gtol, tolerance on the minimiser): standard unconstrained problems.
 STANDARD = [

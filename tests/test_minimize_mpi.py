@@ -7,8 +7,8 @@ import pytest
 from stops import StopAt
 
 import hpcqn
+from hpcqn.experiments.problems import make_problem
 from hpcqn.layout import SliceLayout
-from hpcqn.problems import make_problem
 
 pytestmark = pytest.mark.mpi
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import hpcqn
+from hpcqn.experiments.problems import DigitsSoftmax
 from hpcqn.layout import BlockLayout
 from hpcqn.optimizers.first_order import SGD, Adam
 from hpcqn.optimizers.mlbfgs import MLBFGS
-from hpcqn.problems import DigitsSoftmax
 from hpcqn.stochastic import minimize_stochastic
 
 pytestmark = pytest.mark.mpi

@@ -28,7 +28,7 @@ ENV.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
 ELASTIC = """
 import sys, signal, numpy as np, torch, hpcqn
 from hpcqn.signals import Preempted
-from hpcqn.torch.train import train
+from hpcqn.experiments.training import train
 torch.set_num_threads(1)
 method, directory, out, stop_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 options = {"mlbfgs": {"lr": 0.1, "period": 3}, "mkor": {"lr": 0.05, "inv_freq": 3,

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 
 import hpcqn  # noqa: E402
 from hpcqn.checkpoint import CheckpointError  # noqa: E402
+from hpcqn.experiments.training import train  # noqa: E402
 from hpcqn.signals import Preempted  # noqa: E402
-from hpcqn.torch.train import train  # noqa: E402
 
 torch.set_num_threads(1)
 SERIAL = hpcqn.serial_comm()

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 import hpcqn  # noqa: E402
 import hpcqn.torch as ht  # noqa: E402
-from hpcqn.torch.train import digits, make_model  # noqa: E402
+from hpcqn.experiments.training import digits, make_model  # noqa: E402
 
 torch.set_num_threads(1)
 OPTIONS = {"lr": 0.05, "period": 4, "beta": 0.9, "history": 3}
@@ -181,7 +181,7 @@ LOW_LOSS = 0.005  # a low training-loss target (to 0.01, SGD at 0.3 is faster: 1
 
 
 def digits_run(method, options):
-    from hpcqn.torch.train import train
+    from hpcqn.experiments.training import train
 
     return train(method, hpcqn.serial_comm(), "mlp", options, epochs=15, batch_size=64,
                  lr_schedule="cosine", log=False)["records"]
@@ -208,7 +208,7 @@ def test_min_cos_trains_the_digits_cnn_on_the_seed_where_the_default_diverges():
     """Seed 1 of the digits CNN at lr 0.3: without ``min_cos`` the run ends near chance
     (train loss 3.77 when measured: noise pairs let the first convolution take most of
     the normalised step); skipping pairs with cos(s, y) <= 0.2 trains it to a low loss."""
-    from hpcqn.torch.train import train
+    from hpcqn.experiments.training import train
 
     def final(options):
         out = train("mlbfgs", hpcqn.serial_comm(), "cnn", {"lr": 0.3, **options},

@@ -12,7 +12,7 @@ from .data import (
 from .kfac import KFAC
 from .lamb import LAMB
 from .mkor import MKOR
-from .optim import MLBFGS, layer_blocks
+from .mlbfgs import MLBFGS, layer_blocks
 
 __all__ = ["KFAC", "LAMB", "MKOR", "MLBFGS", "GlobalBatches", "average_gradients",
            "broadcast_parameters", "check_same_parameters", "layer_blocks", "shard"]

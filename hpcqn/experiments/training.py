@@ -20,10 +20,10 @@ from .. import checkpoint
 from ..comm import Communicator
 from ..device import bind
 from ..signals import Preempted, StopFlag
-from .data import GlobalBatches, average_gradients, broadcast_parameters
-from .kfac import KFAC
-from .mkor import MKOR
-from .optim import MLBFGS
+from ..torch.data import GlobalBatches, average_gradients, broadcast_parameters
+from ..torch.kfac import KFAC
+from ..torch.mkor import MKOR
+from ..torch.mlbfgs import MLBFGS
 
 MODELS = ("mlp", "cnn", "autoencoder")
 DEVICES = ("cpu", "cuda", "auto")

@@ -5,7 +5,7 @@ Two kinds of job. ``kind = "minimize"`` names a problem and the solver options::
     [job]
     kind = "minimize"            # the distributed L-BFGS on a test problem
     [problem]
-    name = "extended_rosenbrock" # see hpcqn.problems.PROBLEMS
+    name = "extended_rosenbrock" # see hpcqn.experiments.problems.PROBLEMS
     n = 200000
     dtype = "float64"
     [options]                    # hpcqn.minimize options
@@ -44,13 +44,13 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint
-from .comm import Communicator, get_comm
-from .layout import BlockLayout
-from .minimize import minimize, parse_options
+from .. import checkpoint
+from ..comm import Communicator, get_comm
+from ..layout import BlockLayout
+from ..minimize import minimize, parse_options
+from ..signals import EXIT_PREEMPTED, Preempted
+from ..stochastic import make_optimizer, minimize_stochastic
 from .problems import DigitsSoftmax, make_problem
-from .signals import EXIT_PREEMPTED, Preempted
-from .stochastic import make_optimizer, minimize_stochastic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,7 +133,7 @@ def _run_torch(path: str | Path, config: dict[str, Any], c: Communicator,
     try:
         import torch
 
-        from .torch.train import METHODS, MODELS, train
+        from .training import METHODS, MODELS, train
     except ImportError as exc:
         raise JobError(f"{path}: a torch job needs PyTorch: pip install 'hpcqn[torch]'") from exc
     model = dict(config.get("model", {}))

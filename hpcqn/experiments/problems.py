@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .comm import get_comm, serial_comm
-from .layout import SliceLayout
-from .minimize import minimize
+from ..comm import get_comm, serial_comm
+from ..layout import SliceLayout
+from ..minimize import minimize
 
 Fun = Callable[[Any], tuple[float, Any]]
 Local = tuple[Fun, np.ndarray]  # (callback, this rank's slice of x0)
