@@ -28,7 +28,7 @@ import ctypes
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,14 @@ class CollectiveCounter:
     nbytes: int = 0
     nbytes_received: int = 0
     seconds: float = 0.0  # wall time inside these calls (waiting for other ranks included)
+
+
+@dataclass
+class Reduced:
+    """What :meth:`Communicator.allreduce_named` returns: sums and maxes by name."""
+
+    sums: dict[str, float]
+    maxes: dict[str, float]
 
 
 @dataclass
@@ -394,6 +402,21 @@ class Communicator:
             total += row
         return total, table[:, 1 + sums.size :].max(axis=0)
 
+    def allreduce_named(
+        self,
+        sums: Mapping[str, float] | None = None,
+        maxes: Mapping[str, float] | None = None,
+        error: BaseException | None = None,
+    ) -> Reduced:
+        """:meth:`allreduce_scalars` with names: the sum over ranks of each of ``sums``
+        and the max of each of ``maxes``, read back by name (``result.sums["f"]``,
+        ``result.maxes["signal"]``). Every rank must pass the same names in the same
+        order (they fix the layout of the one collective)."""
+        sums, maxes = dict(sums or {}), dict(maxes or {})
+        total, top = self.allreduce_scalars(list(sums.values()), list(maxes.values()), error)
+        return Reduced(dict(zip(sums, map(float, total), strict=True)),
+                       dict(zip(maxes, map(float, top), strict=True)))
+
     @_timed
     def node_local(self) -> tuple[int, int]:
         """This rank's index among the ranks on its node, and their number (an MPI
@@ -417,23 +440,44 @@ def _displacements(counts: Sequence[int]) -> list[int]:
     return np.concatenate(([0], np.cumsum(counts)[:-1])).astype(int).tolist()
 
 
+_WORLD: Communicator | None = None
+
+
 def get_comm(comm: Any = None) -> Communicator:
     """Resolve ``comm`` once: a :class:`Communicator` is returned as is, an mpi4py
-    communicator is wrapped, ``None`` means ``COMM_WORLD`` (serial without mpi4py)."""
+    communicator is wrapped, ``None`` means the process's one world communicator: a
+    ``Dup`` of ``COMM_WORLD`` made at the first call (collective: every rank makes that
+    call) and returned by every later call, with its counters and staging buffers
+    (serial without mpi4py)."""
+    global _WORLD
     if isinstance(comm, Communicator):
         return comm
     MPI = _mpi()
     if comm is None:
         if MPI is None:
             return Communicator(None)
-        comm = MPI.COMM_WORLD
-    elif MPI is None or not isinstance(comm, MPI.Comm):
+        if _WORLD is None:
+            _WORLD = Communicator(MPI.COMM_WORLD.Dup(), cuda_aware=detect_cuda_aware().aware)
+        return _WORLD
+    if MPI is None or not isinstance(comm, MPI.Comm):
         raise TypeError(
             f"comm must be None, an mpi4py communicator or an hpcqn Communicator, "
             f"got {type(comm).__name__}"
         )
-    aware = detect_cuda_aware().aware
-    return Communicator(comm, cuda_aware=aware)
+    return Communicator(comm, cuda_aware=detect_cuda_aware().aware)
+
+
+def library_version() -> str | None:
+    """One line naming the MPI library, the MPI standard version and mpi4py's version;
+    None without MPI."""
+    MPI = _mpi()
+    if MPI is None:
+        return None
+    import mpi4py
+
+    library = " ".join(MPI.Get_library_version().split("\n")[0].split())
+    version = ".".join(map(str, MPI.Get_version()))
+    return f"{library} (MPI {version}, mpi4py {mpi4py.__version__})"
 
 
 def serial_comm() -> Communicator:

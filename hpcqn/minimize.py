@@ -16,10 +16,11 @@ from typing import Any
 
 from scipy.optimize import OptimizeResult
 
-from . import backend, checkpoint
+from . import backend
 from .comm import get_comm, serial_comm
 from .layout import gather_global
-from .optimizers.lbfgs import LBFGS, LBFGSOptions, Persist
+from .optimizers.lbfgs import CALLBACK_STOP, LBFGS, LBFGSOptions
+from .run import CheckpointPolicy, Driver
 
 METHODS = ("lbfgs",)
 
@@ -92,11 +93,33 @@ def minimize(
         LBFGS(fun, c, LBFGSOptions()).fail_setup(exc)
         raise  # pragma: no cover - fail_setup always raises
 
-    solver = LBFGS(fun, c, opts, callback=_scipy_style(callback))
-    persist = None
-    if checkpoint_dir is not None:
-        persist = _persist(checkpoint_dir, c, opts, x0, checkpoint_every, stop, resume, keep)
-    out = solver.run(x0, persist)
+    solver = LBFGS(fun, c, opts)
+    config = {"options": {k: v for k, v in vars(opts).items() if k != "disp"},
+              "n_local": int(x0.shape[0]), "dtype": str(x0.dtype), "nranks": c.size}
+    policy = CheckpointPolicy(checkpoint_dir, checkpoint_every, keep, resume)
+    # Signals stop a minimize only where a checkpoint can be written.
+    driver = Driver(c, config, policy, stop if checkpoint_dir is not None else None,
+                    meta={"kind": "minimize"})
+    saved = driver.resume(same_ranks="minimize resumes on the same rank count (the "
+                                     "unknown's slices belong to the callback)")
+    solver.start(x0, None if saved is None else saved["solver"])
+    user_callback = _scipy_style(callback)
+
+    def boundary(x: Any, f: float, g: Any, nit: int) -> tuple[dict[str, float], Any]:
+        driver.call(user_callback, x, f, g, nit)
+        return driver.flags(), driver.error()
+
+    while solver.status is None:
+        agreed = solver.iterate(boundary)
+        if not agreed:  # the line search ended or restarted the iteration: no agreement
+            continue
+        if solver.status is None:
+            if agreed["stop"] > 0:
+                solver.stop(CALLBACK_STOP, "`callback` raised `StopIteration`.")
+            else:
+                driver.settle(agreed, solver.nit, lambda: {"solver": solver.state_dict()},
+                              nit=solver.nit)
+    out = solver.outcome()
     result = OptimizeResult(
         x=out.x, fun=out.f, jac=out.g, nit=out.nit, nfev=out.nfev, njev=out.nfev,
         status=out.status, success=out.status == 0, message=out.message,
@@ -114,32 +137,6 @@ def minimize(
             flush=True,
         )
     return result
-
-
-def _persist(directory: str | Path, c: Any, opts: LBFGSOptions, x0: Any, every: int,
-             stop: Any, resume: bool, keep: int) -> Persist:
-    config = {"options": repr(sorted((k, v) for k, v in vars(opts).items() if k != "disp")),
-              "n_local": int(x0.shape[0]), "dtype": str(x0.dtype), "nranks": c.size}
-
-    def save(nit: int, state: dict[str, Any]) -> None:
-        checkpoint.save(directory, {"config": config, "solver": state}, c, step=nit,
-                        keep=keep, meta={"kind": "minimize", "nit": nit})
-
-    resume_from = None
-    if resume and checkpoint.latest(directory) is not None:
-        saved = checkpoint.load(directory, c)
-        error = None
-        if saved.nranks != c.size:
-            error = checkpoint.CheckpointError(
-                f"{saved.path} was saved on {saved.nranks} rank(s); minimize resumes on the "
-                f"same rank count (the unknown's slices belong to the callback)")
-        elif saved.state()["config"] != config:
-            error = checkpoint.CheckpointError(
-                f"{saved.path}: saved for {saved.state()['config']}, not for this call "
-                f"{config}")
-        c.allreduce_scalars([], [], error)  # every rank raises if any rank's does not fit
-        resume_from = saved.state()["solver"]
-    return Persist(save, int(every), stop, resume_from)
 
 
 def _scipy_style(

@@ -19,5 +19,8 @@ import hpcqn  # noqa: E402
 
 @pytest.fixture
 def comm() -> hpcqn.Communicator:
-    """The world communicator (one rank in a serial run)."""
-    return hpcqn.get_comm()
+    """The world communicator (one rank in a serial run), its counters reset: it is the
+    process's one communicator, shared by every test."""
+    c = hpcqn.get_comm()
+    c.reset_counters()
+    return c

@@ -6,13 +6,13 @@ import signal
 
 
 class StopAt:
-    """Reports a signal (as SIGUSR1 would) at its ``step``-th check, and from then on."""
+    """Reports a signal (as SIGUSR1 would) from its ``step``-th read of ``signum`` on: the
+    drivers read it once per step boundary, into that boundary's agreement."""
 
     def __init__(self, step: int):
-        self.step, self.calls, self.signum = step, 0, None
+        self.step, self.reads = step, 0
 
-    def agreed(self, comm: object) -> bool:
-        self.calls += 1
-        if self.calls == self.step:
-            self.signum = signal.SIGUSR1
-        return self.signum is not None
+    @property
+    def signum(self) -> int | None:
+        self.reads += 1
+        return signal.SIGUSR1 if self.reads >= self.step else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from stops import StopAt
 
 import hpcqn
 from hpcqn.experiments.problems import DigitsSoftmax
@@ -189,21 +190,6 @@ def test_bad_options_on_one_rank_raise_everywhere(comm, problem):
                             comm=comm, options={"blocks": SIZES, "disp": False})
 
 
-class SignalAfter:
-    """Looks like a StopFlag that received SIGUSR1 once it has been read ``reads`` times
-    (minimize_stochastic reads it once per step, into the step's own reduction)."""
-
-    def __init__(self, reads):
-        self.reads, self._count = reads, 0
-
-    @property
-    def signum(self):
-        import signal
-
-        self._count += 1
-        return signal.SIGUSR1 if self._count >= self.reads else None
-
-
 @pytest.mark.parametrize("method", ["mlbfgs", "sgd", "adam"])
 @pytest.mark.timeout(120)
 def test_resume_bitwise_and_elastic(comm, problem, method, tmp_path_factory):
@@ -223,7 +209,7 @@ def test_resume_bitwise_and_elastic(comm, problem, method, tmp_path_factory):
             options={"epochs": 3, "blocks": SIZES, "disp": False, **OPTIONS[method]})
 
     with pytest.raises(Preempted):
-        run(comm, comm.rank, comm.size, base, SignalAfter(30))
+        run(comm, comm.rank, comm.size, base, StopAt(30))
     comm.barrier()
     mine = f"{base}-copy-{comm.rank}"  # one copy per rank for the one-process resume
     shutil.copytree(base, mine)

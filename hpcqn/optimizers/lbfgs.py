@@ -29,7 +29,6 @@ from ..backend import namespace
 from ..comm import Communicator
 from ..curvature.gram_history import GramHistory
 from ..curvature.linesearch import CONVERGED, EVALUATE, Backtracking, MoreThuente
-from ..signals import Preempted
 
 # Status codes, as SciPy's L-BFGS-B uses them (99: the callback asked to stop).
 SUCCESS, LIMIT, LINESEARCH_FAILED, CALLBACK_STOP = 0, 1, 2, 99
@@ -100,33 +99,22 @@ class FunctionError(ValueError):
     """The objective callback returned something unusable (raised on every rank)."""
 
 
-@dataclasses.dataclass
-class Persist:
-    """Checkpointing for :meth:`LBFGS.run`: ``save(nit, state)`` writes a checkpoint,
-    ``every`` iterations (0: only on a signal), ``stop`` a
-    :class:`hpcqn.signals.StopFlag`, ``resume_from`` a state to continue from."""
-
-    save: Callable[[int, dict[str, Any]], Any]
-    every: int = 0
-    stop: Any = None
-    resume_from: dict[str, Any] | None = None
-
-
 class LBFGS:
     """The solver. ``fun(x_local) -> (f_part, g_local)``; see :class:`LBFGSOptions`.
-    ``callback(x, f, g, nit)`` runs on every rank after each iteration."""
+    Driven one iteration at a time: :meth:`start`, then :meth:`iterate` while ``status``
+    is None; :meth:`state_dict` / :meth:`load_state_dict` for checkpoints."""
 
     def __init__(
         self,
         fun: Callable[[Any], tuple[Any, Any]],
         comm: Communicator,
         options: LBFGSOptions,
-        callback: Callable[[Any, float, Any, int], Any] | None = None,
     ):
         self.fun = fun
         self.comm = comm
         self.opt = options
-        self.callback = callback
+        self.status: int | None = None
+        self.message = ""
         self.nfev = 0
         self.nreductions = 0  # the solver's own (not those fun makes itself)
 
@@ -222,136 +210,140 @@ class LBFGS:
         values.pop("disp")
         return float(zlib.crc32(repr(sorted(values.items())).encode())), float(x0.dtype.itemsize)
 
-    # -- the iteration -------------------------------------------------------------
-    def run(self, x0: Any, persist: Persist | None = None) -> LBFGSOutcome:
-        """Iterate from ``x0``; with ``persist``, checkpoint every ``persist.every``
-        iterations and when a signal is agreed on (then raise
-        :class:`hpcqn.signals.Preempted`), and start from ``persist.resume_from`` (a state
-        this method saved; ``x0`` then only fixes the shape and dtype)."""
+    # -- the iteration, one step at a time -------------------------------------------
+    def start(self, x0: Any, state: dict[str, Any] | None = None) -> None:
+        """Evaluate at ``x0`` (one reduction) and set up the iteration; with ``state`` (a
+        :meth:`state_dict`), continue from there instead (``x0`` then fixes the shape and
+        dtype, and its evaluation only checks that every rank can start)."""
         opt = self.opt
         xp = namespace(x0)
-        start = time.perf_counter()
+        self._start_time = time.perf_counter()
         n_local = x0.shape[0]
-        x = xp.array(x0, copy=True)
-        g = xp.empty_like(x)
-        history = GramHistory(n_local, int(opt.history), xp, x.dtype)
-        eps = float(np.finfo(np.float64).eps)
-
-        f, ginf, _, gg = self.evaluate(x, g, with_gg=True, fingerprint=self.fingerprint(x))
+        self.x = xp.array(x0, copy=True)
+        self.g = xp.empty_like(self.x)
+        self.history = GramHistory(n_local, int(opt.history), xp, self.x.dtype)
+        f, ginf, _, gg = self.evaluate(self.x, self.g, with_gg=True,
+                                       fingerprint=self.fingerprint(self.x))
         if not (math.isfinite(f) and math.isfinite(ginf)):
             raise FunctionError(f"fun returned a non-finite value at x0 (f = {f}, max|g| = {ginf})")
-        history.set_gradient_norm2(gg)
-        g0norm = math.sqrt(gg)
-        direction = xp.empty_like(x)
-        x_trial = xp.empty_like(x)
-        g_trial = xp.empty_like(x)
-        nit = nreset = nskipped = failures = 0
-        trace = [(0, f, ginf)]
-        if persist is not None and persist.resume_from is not None:
-            saved = persist.resume_from
-            x[...] = xp.asarray(saved["x"])
-            g[...] = xp.asarray(saved["g"])
-            history.load_state_dict(saved["history"])
-            f, ginf, gg, g0norm = saved["f"], saved["ginf"], saved["gg"], saved["g0norm"]
-            nit, nreset, nskipped = saved["nit"], saved["nreset"], saved["nskipped"]
-            self.nfev, self.nreductions = saved["nfev"], saved["nreductions"]
-            trace = [tuple(t) for t in saved["trace"]]
-        status, message = self._converged(f, None, ginf, gg, g0norm, nit)
+        self.history.set_gradient_norm2(gg)
+        self.f, self.ginf, self.gg, self.g0norm = f, ginf, gg, math.sqrt(gg)
+        self._direction = xp.empty_like(self.x)
+        self._x_trial = xp.empty_like(self.x)
+        self._g_trial = xp.empty_like(self.x)
+        self.nit = self.nreset = self.nskipped = self._failures = 0
+        self.trace = [(0, f, ginf)]
+        if state is not None:
+            self.load_state_dict(state)
+        self.status, self.message = self._converged(self.f, None, self.ginf, self.gg,
+                                                    self.g0norm, self.nit)
 
-        while status is None:
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to continue bitwise: this rank's x, g
+        and history rows, the Gram matrix, the values and counters."""
+        return {"x": self.x, "g": self.g, "f": self.f, "ginf": self.ginf, "gg": self.gg,
+                "g0norm": self.g0norm, "nit": self.nit, "nreset": self.nreset,
+                "nskipped": self.nskipped, "nfev": self.nfev, "nreductions": self.nreductions,
+                "trace": [list(t) for t in self.trace], "history": self.history.state_dict()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        xp = namespace(self.x)
+        self.x[...] = xp.asarray(saved["x"])
+        self.g[...] = xp.asarray(saved["g"])
+        self.history.load_state_dict(saved["history"])
+        self.f, self.ginf, self.gg, self.g0norm = (saved["f"], saved["ginf"], saved["gg"],
+                                                   saved["g0norm"])
+        self.nit, self.nreset, self.nskipped = saved["nit"], saved["nreset"], saved["nskipped"]
+        self.nfev, self.nreductions = saved["nfev"], saved["nreductions"]
+        self.trace = [tuple(t) for t in saved["trace"]]
+
+    def stop(self, status: int, message: str) -> None:
+        """End the iteration from outside (a callback's request, agreed on every rank)."""
+        self.status, self.message = status, message
+
+    def iterate(
+        self, boundary: Callable[[Any, float, Any, int], tuple[dict[str, float], Any]]
+        | None = None,
+    ) -> dict[str, float]:
+        """One iteration: direction, line search, the new pair and the convergence tests.
+        ``boundary(x, f, g, nit) -> (flags, error)`` runs on every rank once the step is
+        accepted; its ``flags`` (named maxima) and ``error`` travel in the iteration's
+        closing reduction, and the agreed flags are returned (empty when the line search
+        ended the run)."""
+        opt, xp, history = self.opt, namespace(self.x), self.history
+        x, g, direction = self.x, self.g, self._direction
+        x_trial, g_trial = self._x_trial, self._g_trial
+        delta = history.direction_coefficients()
+        gd = history.dot_g(delta)
+        if not (gd < 0.0 and math.isfinite(gd)):
+            history.reset()
+            self.nreset += 1
             delta = history.direction_coefficients()
             gd = history.dot_g(delta)
-            if not (gd < 0.0 and math.isfinite(gd)):
-                history.reset()
-                nreset += 1
-                delta = history.direction_coefficients()
-                gd = history.dot_g(delta)
-            history.combine(delta, g, direction)
-            if len(history):
-                stp = 1.0
-            else:  # scaled steepest descent: the first step has length 1 (SciPy's choice)
-                stp = min(1.0 / math.sqrt(history.norm2(delta)), 1e10)
-            search = (
-                MoreThuente(f, gd, stp)
-                if opt.linesearch == "strong-wolfe"
-                else Backtracking(f, gd, stp)
-            )
-            result, ntrials = EVALUATE, 0
-            while result == EVALUATE:
-                if ntrials == opt.maxls or self.nfev >= opt.maxfun:
-                    search.message = search.message or f"no acceptable step in {ntrials} trials"
-                    break
-                ntrials += 1
-                xp.multiply(direction, search.stp, out=x_trial)
-                x_trial += x
-                f_t, ginf_t, gd_t, _ = self.evaluate(x_trial, g_trial, direction)
-                if not (math.isfinite(f_t) and math.isfinite(ginf_t)):
-                    search.shrink()
-                    continue
-                result = search.advance(f_t, gd_t)
-            if result != CONVERGED:
-                failures += 1
-                if self.nfev >= opt.maxfun:
-                    status, message = LIMIT, "STOP: TOTAL NO. OF F,G EVALUATIONS EXCEEDS LIMIT"
-                elif failures >= 2 or not len(history):
-                    status = LINESEARCH_FAILED
-                    message = f"ABNORMAL_TERMINATION_IN_LNSRCH: {search.message}"
-                else:
-                    history.reset()
-                    nreset += 1
-                    continue
-                break
-            failures = 0
-            slot = history.free_slot()
-            s_row, y_row = history.pair_rows(slot)
-            xp.multiply(direction, search.stp, out=s_row)
-            xp.subtract(g_trial, g, out=y_row)
-            x, x_trial = x_trial, x
-            g, g_trial = g_trial, g
-            f_prev, f, ginf = f, f_t, ginf_t
-            nit += 1
-            stop_error = self._run_callback(x, f, g, nit)
-            self.nreductions += 1
-            products, flags = self.comm.allreduce_scalars(
-                history.local_products(slot, g), [float(stop_error is StopIteration)],
-                None if stop_error is StopIteration else stop_error,
-            )
-            if not history.absorb(products, slot, eps):
-                nskipped += 1
-            gg = float(products[-1])
-            trace.append((nit, f, ginf))
-            self._progress(nit, f, ginf, search.stp)
-            status, message = self._converged(f, f_prev, ginf, gg, g0norm, nit)
-            if status is None and flags[0]:
-                status, message = CALLBACK_STOP, "`callback` raised `StopIteration`."
-            if persist is not None and status is None:
-                signalled = persist.stop is not None and persist.stop.agreed(self.comm)
-                if signalled or (persist.every and nit % persist.every == 0):
-                    persist.save(nit, {
-                        "x": x, "g": g, "f": f, "ginf": ginf, "gg": gg, "g0norm": g0norm,
-                        "nit": nit, "nreset": nreset, "nskipped": nskipped,
-                        "nfev": self.nfev, "nreductions": self.nreductions,
-                        "trace": [list(t) for t in trace], "history": history.state_dict()})
-                if signalled:
-                    raise Preempted(nit, persist.stop.signum)
-        return LBFGSOutcome(
-            x=x, f=f, g=g, nit=nit, nfev=self.nfev, status=status, message=message,
-            gnorm_inf=ginf, gnorm2=math.sqrt(gg), nreset=nreset, npairs_skipped=nskipped,
-            seconds=time.perf_counter() - start, trace=trace,
+        history.combine(delta, g, direction)
+        if len(history):
+            stp = 1.0
+        else:  # scaled steepest descent: the first step has length 1 (SciPy's choice)
+            stp = min(1.0 / math.sqrt(history.norm2(delta)), 1e10)
+        search = (
+            MoreThuente(self.f, gd, stp)
+            if opt.linesearch == "strong-wolfe"
+            else Backtracking(self.f, gd, stp)
         )
+        result, ntrials = EVALUATE, 0
+        while result == EVALUATE:
+            if ntrials == opt.maxls or self.nfev >= opt.maxfun:
+                search.message = search.message or f"no acceptable step in {ntrials} trials"
+                break
+            ntrials += 1
+            xp.multiply(direction, search.stp, out=x_trial)
+            x_trial += x
+            f_t, ginf_t, gd_t, _ = self.evaluate(x_trial, g_trial, direction)
+            if not (math.isfinite(f_t) and math.isfinite(ginf_t)):
+                search.shrink()
+                continue
+            result = search.advance(f_t, gd_t)
+        if result != CONVERGED:
+            self._failures += 1
+            if self.nfev >= opt.maxfun:
+                self.stop(LIMIT, "STOP: TOTAL NO. OF F,G EVALUATIONS EXCEEDS LIMIT")
+            elif self._failures >= 2 or not len(history):
+                self.stop(LINESEARCH_FAILED, f"ABNORMAL_TERMINATION_IN_LNSRCH: {search.message}")
+            else:
+                history.reset()
+                self.nreset += 1
+            return {}
+        self._failures = 0
+        slot = history.free_slot()
+        s_row, y_row = history.pair_rows(slot)
+        xp.multiply(direction, search.stp, out=s_row)
+        xp.subtract(g_trial, g, out=y_row)
+        self.x, self._x_trial = x_trial, x
+        self.g, self._g_trial = g_trial, g
+        f_prev, self.f, self.ginf = self.f, f_t, ginf_t
+        self.nit += 1
+        flags, error = boundary(self.x, self.f, self.g, self.nit) if boundary else ({}, None)
+        self.nreductions += 1
+        reduced = self.comm.allreduce_scalars(history.local_products(slot, self.g),
+                                              list(flags.values()), error)
+        products, agreed = reduced[0], dict(zip(flags, map(float, reduced[1]), strict=True))
+        if not history.absorb(products, slot, eps=float(np.finfo(np.float64).eps)):
+            self.nskipped += 1
+        self.gg = float(products[-1])
+        self.trace.append((self.nit, self.f, self.ginf))
+        self._progress(self.nit, self.f, self.ginf, search.stp)
+        self.status, self.message = self._converged(self.f, f_prev, self.ginf, self.gg,
+                                                    self.g0norm, self.nit)
+        return agreed
 
-    def _run_callback(self, x: Any, f: float, g: Any, nit: int) -> Any:
-        """Call the user's callback; returns StopIteration (the class) when it asks to
-        stop, the exception when it fails, None otherwise. Agreed on in the next reduction."""
-        if self.callback is None:
-            return None
-        try:
-            self.callback(x, f, g, nit)
-        except StopIteration:
-            return StopIteration
-        except Exception as exc:
-            return exc
-        return None
+    def outcome(self) -> LBFGSOutcome:
+        """The last accepted point and the counts."""
+        return LBFGSOutcome(
+            x=self.x, f=self.f, g=self.g, nit=self.nit, nfev=self.nfev, status=self.status,
+            message=self.message, gnorm_inf=self.ginf, gnorm2=math.sqrt(self.gg),
+            nreset=self.nreset, npairs_skipped=self.nskipped,
+            seconds=time.perf_counter() - self._start_time, trace=self.trace,
+        )
 
     def _converged(
         self, f: float, f_prev: float | None, ginf: float, gg: float, g0norm: float, nit: int

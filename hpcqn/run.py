@@ -1,0 +1,216 @@
+"""The driver loop's bookkeeping, shared by :func:`hpcqn.minimize`,
+:func:`hpcqn.minimize_stochastic` and the torch training of :mod:`hpcqn.experiments`:
+the checkpoint policy (directory, every N steps, keep K, resume or fresh), the check
+that a checkpoint was saved for the same configuration, the position to resume from
+(epoch and batch), the user's callback (``StopIteration`` asks every rank to stop), and
+the stop on SIGUSR1/SIGTERM, agreed on by every rank in a reduction the loop already
+makes, which then checkpoints and raises :class:`hpcqn.signals.Preempted`.
+
+A loop owns its solver (which knows nothing of files or signals: it offers a step,
+``state_dict`` and ``load_state_dict``) and asks a :class:`Driver` at each step boundary:
+
+    flags = driver.flags()                      # this rank's stop/signal flags
+    reduced = comm.allreduce_named(..., maxes={**mine, **flags}, error=driver.error())
+    if driver.settle(reduced.maxes, step, state):   # saves when due; Preempted on a signal
+        break                                   # a callback raised StopIteration
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint
+from .comm import Communicator
+from .signals import Preempted
+
+FLAGS = ("stop", "signal")
+
+
+@dataclass
+class CheckpointPolicy:
+    """Where and how often a run checkpoints. ``directory`` None: never; ``every``: every
+    that many steps (0: only at epoch ends and on a signal); ``keep``: checkpoints kept;
+    ``resume``: continue from the latest one in ``directory`` (else start afresh and
+    overwrite)."""
+
+    directory: str | Path | None = None
+    every: int = 0
+    keep: int = 2
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        for name, low in (("every", 0), ("keep", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"checkpoint {name} must be an integer >= {low}, got {value!r}")
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A configuration as ``{"section.key": repr(value)}``: comparable, storable in a
+    checkpoint whatever the values are, and differences can be named key by key."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = repr(tuple(value) if isinstance(value, list) else value)
+    return out
+
+
+def differences(saved: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
+    """The keys whose values differ (or that only one side has), as ``key: old -> new``."""
+    keys = sorted(set(saved) | set(current))
+    missing = "(not set)"
+    return [f"{k}: {saved.get(k, missing)} -> {current.get(k, missing)}"
+            for k in keys if saved.get(k) != current.get(k)]
+
+
+class Driver:
+    """One run's checkpoints, callback and signals (see the module docstring). ``config``
+    (a nested dict) is saved with every checkpoint and must match on resume; ``stop`` is
+    a :class:`hpcqn.signals.StopFlag` (anything with a ``signum`` attribute)."""
+
+    def __init__(self, comm: Communicator, config: Mapping[str, Any],
+                 policy: CheckpointPolicy | None = None, stop: Any = None,
+                 meta: Mapping[str, Any] | None = None):
+        self.comm = comm
+        self.config = flatten(config)
+        self.policy = policy or CheckpointPolicy()
+        self.stop = stop
+        self.meta = dict(meta or {})
+        self._stop_requested = False
+        self._error: BaseException | None = None
+        self._signum: int | None = None
+        self.resumed_from: checkpoint.Checkpoint | None = None
+
+    # -- checkpoints -------------------------------------------------------------------
+    @property
+    def checkpointing(self) -> bool:
+        return self.policy.directory is not None
+
+    def resume(self, same_ranks: str | None = None) -> dict[str, Any] | None:
+        """The state saved by the latest checkpoint, or None (no directory, no checkpoint,
+        or ``resume`` off). A checkpoint saved for another configuration is a
+        :class:`hpcqn.checkpoint.CheckpointError` on every rank naming the keys that
+        differ; ``same_ranks`` (the reason) refuses one saved on another rank count."""
+        directory = self.policy.directory
+        if directory is None or not self.policy.resume or checkpoint.latest(directory) is None:
+            return None
+        saved = checkpoint.load(directory, self.comm)
+        state = saved.state()
+        error = None
+        if same_ranks is not None and saved.nranks != self.comm.size:
+            error = checkpoint.CheckpointError(
+                f"{saved.path} was saved on {saved.nranks} rank(s), this run has "
+                f"{self.comm.size}: {same_ranks}")
+        else:
+            changed = differences(state.get("config", {}), self.config)
+            if changed:
+                error = checkpoint.CheckpointError(
+                    f"{saved.path} was saved for another configuration ({'; '.join(changed)})"
+                    f"; start fresh (--fresh, or resume=False) or restore the old settings")
+        self.comm.allreduce_scalars([], [], error)  # every rank raises if any rank's is bad
+        self.resumed_from = saved
+        return state
+
+    def save(self, step: int, state: Mapping[str, Any], **meta: Any) -> None:
+        """Checkpoint ``state`` (with the configuration) as step ``step``."""
+        if self.policy.directory is None:
+            return
+        checkpoint.save(self.policy.directory, {"config": self.config, **state}, self.comm,
+                        step=step, keep=self.policy.keep, meta={**self.meta, **meta})
+
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` is one of the periodic checkpoints."""
+        return self.checkpointing and self.policy.every > 0 and step % self.policy.every == 0
+
+    # -- callback, signals and the agreement -------------------------------------------
+    def call(self, callback: Callable[..., Any] | None, *args: Any, **kwargs: Any) -> None:
+        """Run the user's ``callback``: ``StopIteration`` asks every rank to stop at the next
+        agreement, any other exception fails every rank there."""
+        if callback is None:
+            return
+        try:
+            callback(*args, **kwargs)
+        except StopIteration:
+            self._stop_requested = True
+        except Exception as exc:
+            if self._error is None:
+                self._error = exc
+
+    def flags(self) -> dict[str, float]:
+        """This rank's flags for the next agreement (``stop``, ``signal``); the signal flag
+        is read once here."""
+        signum = None if self.stop is None else self.stop.signum
+        if signum is not None:
+            self._signum = signum
+        return {"stop": float(self._stop_requested), "signal": float(signum is not None)}
+
+    def error(self) -> BaseException | None:
+        """This rank's pending failure (from the callback), for the next agreement; it is
+        handed out once."""
+        error, self._error = self._error, None
+        return error
+
+    def agree(self) -> dict[str, float]:
+        """An agreement of its own (one small reduction), for loops with none near."""
+        return self.comm.allreduce_named(maxes=self.flags(), error=self.error()).maxes
+
+    def signalled(self, agreed: Mapping[str, float]) -> bool:
+        return agreed["signal"] > 0
+
+    def preempt(self, step: int) -> Preempted:
+        """The exception to raise after the checkpoint of a signalled stop."""
+        return Preempted(step, self._signum)
+
+    def settle(self, agreed: Mapping[str, float], step: int,
+               state: Callable[[], Mapping[str, Any]], **meta: Any) -> bool:
+        """After an agreement at a step boundary: checkpoint when the step is due or any
+        rank was signalled, then raise :class:`hpcqn.signals.Preempted` when signalled.
+        Returns True when a callback on any rank asked to stop."""
+        signalled = self.signalled(agreed)
+        if signalled or self.due(step):
+            self.save(step, state(), **meta)
+        if signalled:
+            raise self.preempt(step)
+        return agreed["stop"] > 0
+
+    def finish(self) -> None:
+        """A failure in the run's last callback reaches every rank (one reduction)."""
+        self.comm.allreduce_scalars([], [], self.error())
+
+
+@dataclass
+class Position:
+    """Where an epoch loop stands: the epoch and the batches done in it."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+def skip_done(batches: Iterable[Any], done: int) -> Iterator[tuple[int, Any]]:
+    """``enumerate(batches)`` without the first ``done`` batches (those before the
+    checkpoint a run resumed from)."""
+    iterator = iter(batches)
+    for _ in range(done):
+        if next(iterator, _END) is _END:
+            return
+    index = done
+    for batch in iterator:
+        yield index, batch
+        index += 1
+
+
+_END = object()
+
+
+def mean(values: list[float]) -> float:
+    """The mean of the finite ``values`` (NaN when none is): a skipped step's non-finite
+    loss counts in neither the sum nor the divisor."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
