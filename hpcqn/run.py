@@ -17,7 +17,6 @@ A loop owns its solver (which knows nothing of files or signals: it offers a ste
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from . import checkpoint
 from .comm import Communicator
 from .signals import Preempted
 
-FLAGS = ("stop", "signal")
+# What an agreement gives when a loop has nothing to agree on (no stop flag installed).
+NOTHING_AGREED = {"stop": 0.0, "signal": 0.0}
 
 
 @dataclass
@@ -86,6 +86,7 @@ class Driver:
         self._stop_requested = False
         self._error: BaseException | None = None
         self._signum: int | None = None
+        self._saved_step: int | None = None  # the step of the newest checkpoint
         self.resumed_from: checkpoint.Checkpoint | None = None
 
     # -- checkpoints -------------------------------------------------------------------
@@ -115,7 +116,7 @@ class Driver:
                     f"{saved.path} was saved for another configuration ({'; '.join(changed)})"
                     f"; start fresh (--fresh, or resume=False) or restore the old settings")
         self.comm.allreduce_scalars([], [], error)  # every rank raises if any rank's is bad
-        self.resumed_from = saved
+        self.resumed_from, self._saved_step = saved, saved.step
         return state
 
     def save(self, step: int, state: Mapping[str, Any], **meta: Any) -> None:
@@ -124,10 +125,13 @@ class Driver:
             return
         checkpoint.save(self.policy.directory, {"config": self.config, **state}, self.comm,
                         step=step, keep=self.policy.keep, meta={**self.meta, **meta})
+        self._saved_step = step
 
     def due(self, step: int) -> bool:
-        """Whether step ``step`` is one of the periodic checkpoints."""
-        return self.checkpointing and self.policy.every > 0 and step % self.policy.every == 0
+        """Whether step ``step`` is one of the periodic checkpoints (and not saved yet)."""
+        every = self.policy.every
+        return (self.checkpointing and every > 0 and step % every == 0
+                and step != self._saved_step)
 
     # -- callback, signals and the agreement -------------------------------------------
     def call(self, callback: Callable[..., Any] | None, *args: Any, **kwargs: Any) -> None:
@@ -180,17 +184,10 @@ class Driver:
             raise self.preempt(step)
         return agreed["stop"] > 0
 
-    def finish(self) -> None:
-        """A failure in the run's last callback reaches every rank (one reduction)."""
-        self.comm.allreduce_scalars([], [], self.error())
-
-
-@dataclass
-class Position:
-    """Where an epoch loop stands: the epoch and the batches done in it."""
-
-    epoch: int = 0
-    batch: int = 0
+    def finish(self) -> bool:
+        """After the loop: a failure in the run's last callback reaches every rank (one
+        reduction); returns whether a callback on any rank asked to stop."""
+        return self.agree()["stop"] > 0
 
 
 def skip_done(batches: Iterable[Any], done: int) -> Iterator[tuple[int, Any]]:
@@ -207,10 +204,3 @@ def skip_done(batches: Iterable[Any], done: int) -> Iterator[tuple[int, Any]]:
 
 
 _END = object()
-
-
-def mean(values: list[float]) -> float:
-    """The mean of the finite ``values`` (NaN when none is): a skipped step's non-finite
-    loss counts in neither the sum nor the divisor."""
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan

@@ -1,8 +1,8 @@
 """Stopping at a step boundary on SIGUSR1 or SIGTERM (what Slurm sends before a time
-limit or a preemption, see ``slurm/``): the handler only sets a flag; at the next step
-boundary the ranks agree on it in one small reduction, so a signal delivered to any one
-rank stops every rank at the same step, which then checkpoints and exits with
-:data:`EXIT_PREEMPTED`."""
+limit or a preemption, see ``slurm/``): the handler only sets a flag (``signum``); at the
+next step boundary the driver (:mod:`hpcqn.run`) puts it into a reduction the ranks make
+anyway, so a signal delivered to any one rank stops every rank at the same step, which
+then checkpoints and exits with :data:`EXIT_PREEMPTED`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import signal
 from collections.abc import Iterable
 from types import FrameType
 from typing import Any
-
-from .comm import get_comm
 
 EXIT_PREEMPTED = 3  # checkpoint written after a signal; run the same command to resume
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -46,8 +44,3 @@ class StopFlag:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
         self._previous = {}
-
-    def agreed(self, comm: Any = None) -> bool:
-        """True on every rank when any rank has received a signal (one reduction)."""
-        _, top = get_comm(comm).allreduce_scalars([], [0.0 if self.signum is None else 1.0])
-        return bool(top[0] > 0)

@@ -11,6 +11,7 @@ no rank failed), then the optimizer's own reduce-scatter and allgatherv.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,14 +21,13 @@ from typing import Any
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from . import checkpoint
 from .backend import check_float_array, namespace
 from .comm import get_comm
 from .layout import BlockLayout
 from .optimizers.blockwise import BlockOptimizer
 from .optimizers.first_order import SGD, Adam
 from .optimizers.mlbfgs import MLBFGS
-from .signals import Preempted
+from .run import CheckpointPolicy, Driver, skip_done
 
 METHODS: dict[str, type[BlockOptimizer]] = {"mlbfgs": MLBFGS, "sgd": SGD, "adam": Adam}
 DRIVER_OPTIONS = {"epochs", "blocks", "block_size", "disp", "lr_schedule"}
@@ -153,41 +153,33 @@ def minimize_stochastic(
     start = time.perf_counter()
     losses: list[float] = []
     epoch_losses: list[float] = []
-    signals = stop
-    status, message, stop = 0, "finished the requested epochs", False
-    pending: BaseException | None = None  # a callback error, agreed on in the next reduction
+    status, message = 0, "finished the requested epochs"
     first_epoch, skip, epoch_sum = 0, 0, 0.0
-    config = {"method": method, "options": repr(sorted(dict(options or {}).items())),
-              "n": int(x.shape[0]), "dtype": str(x.dtype)}
-    if checkpoint_dir is not None and resume and checkpoint.latest(checkpoint_dir):
-        saved = checkpoint.load(checkpoint_dir, c)
-        state = saved.state()
-        error = None if state["config"] == config else checkpoint.CheckpointError(
-            f"{saved.path}: saved for {state['config']}, not for this call {config}")
-        c.allreduce_scalars([], [], error)
-        x[...] = namespace(x).asarray(state["x"])
-        optimizer.load_state_dict(state["optimizer"])
-        losses, epoch_losses = list(state["losses"]), list(state["epoch_losses"])
-        first_epoch, skip, epoch_sum = state["epoch"], state["batch"], state["epoch_sum"]
+    driver = Driver(
+        c, {"method": method, "options": dict(options or {}), "n": int(x.shape[0]),
+            "dtype": str(x.dtype)},
+        CheckpointPolicy(checkpoint_dir, checkpoint_every, keep, resume), stop,
+        meta={"kind": "minimize_stochastic"})
+    saved = driver.resume()
+    if saved is not None:
+        x[...] = namespace(x).asarray(saved["x"])
+        optimizer.load_state_dict(saved["optimizer"])
+        losses, epoch_losses = list(saved["losses"]), list(saved["epoch_losses"])
+        first_epoch, skip, epoch_sum = saved["epoch"], saved["batch"], saved["epoch_sum"]
 
-    def save(epoch: int, batch: int, partial: float) -> None:
-        checkpoint.save(checkpoint_dir, {
-            "config": config, "x": x, "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "batch": batch, "epoch_sum": partial, "losses": losses,
-            "epoch_losses": epoch_losses}, c, step=len(losses), keep=keep,
-            meta={"kind": "minimize_stochastic", "epoch": epoch, "batch": batch})
+    def state(epoch: int, batch: int, partial: float) -> dict[str, Any]:
+        return {"x": x, "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
+                "epoch_sum": partial, "losses": losses, "epoch_losses": epoch_losses}
 
     for epoch in range(first_epoch, epochs):
         if schedule == "cosine":  # annealed per epoch: lr0 (1 + cos(pi e / E)) / 2
             optimizer.lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-        iterator = iter(_epoch_batches(batches, epoch, epochs))
-        for _ in range(skip):  # done before the checkpoint this run resumed from
-            next(iterator, None)
-        epoch_steps, skip = (skip, 0)
+        iterator = skip_done(_epoch_batches(batches, epoch, epochs), skip)
+        epoch_steps, skip = skip, 0
         if epoch != first_epoch:
             epoch_sum = 0.0
         while True:
-            batch = next(iterator, _END)
+            _, batch = next(iterator, (None, _END))
             exhausted = batch is _END
             f, g, error = 0.0, None, None
             if not exhausted:
@@ -201,54 +193,52 @@ def minimize_stochastic(
                         )
                 except Exception as exc:  # every rank raises below
                     error = exc
-            signalled = signals is not None and signals.signum is not None
-            total, flags = c.allreduce_scalars(
-                [f], [float(exhausted), -float(exhausted), float(stop), float(signalled)],
-                pending or error,
+            # The step's one reduction: the loss, whether every rank still has a batch,
+            # the driver's stop and signal flags, and any rank's failure.
+            reduced = c.allreduce_named(
+                {"loss": f},
+                {"exhausted": float(exhausted), "unexhausted": float(not exhausted),
+                 **driver.flags()},
+                driver.error() or error,
             )
-            if flags[3] and not flags[0]:  # a signal on some rank: stop before this step
-                if checkpoint_dir is not None:
-                    save(epoch, epoch_steps, epoch_sum)
-                raise Preempted(len(losses), signals.signum if signals is not None else None)
-            if flags[2]:
-                status, message = 99, "`callback` raised `StopIteration`."
-                break
-            if flags[0] and not -flags[1]:
+            agreed = reduced.maxes
+            if agreed["exhausted"] and agreed["unexhausted"]:
                 raise ValueError(
                     f"ranks ran out of batches at different steps (epoch {epoch}, step "
                     f"{epoch_steps}); every rank needs the same number of batches per epoch"
                 )
-            if flags[0]:
+            if agreed["stop"]:
+                status, message = 99, "`callback` raised `StopIteration`."
                 break
-            loss = float(total[0]) / c.size
+            if agreed["exhausted"]:
+                break
+            # Before this step: a checkpoint when due or signalled (then Preempted).
+            driver.settle(agreed, len(losses), functools.partial(state, epoch, epoch_steps,
+                                                                 epoch_sum),
+                          epoch=epoch, batch=epoch_steps)
+            loss = reduced.sums["loss"] / c.size
             optimizer.step(x, namespace(x).asarray(g, dtype=x.dtype))
             losses.append(loss)
             if math.isfinite(loss):
                 epoch_sum += loss
             epoch_steps += 1
-            if callback is not None:
-                stop, pending = _call(callback, x, loss, len(losses), epoch, False, stop)
-            if checkpoint_dir is not None and checkpoint_every and (
-                    len(losses) % checkpoint_every == 0):
-                save(epoch, epoch_steps, epoch_sum)
+            driver.call(callback, OptimizeResult(x=x, fun=loss, nit=len(losses), epoch=epoch,
+                                                 epoch_end=False))
         if status == 99:
             break
         epoch_losses.append(epoch_sum / max(epoch_steps, 1))
-        if checkpoint_dir is not None:
-            save(epoch + 1, 0, 0.0)
-        if callback is not None:
-            stop, pending = _call(callback, x, epoch_losses[-1], len(losses), epoch, True, stop)
+        driver.save(len(losses), state(epoch + 1, 0, 0.0), epoch=epoch + 1, batch=0)
+        driver.call(callback, OptimizeResult(x=x, fun=epoch_losses[-1], nit=len(losses),
+                                             epoch=epoch, epoch_end=True))
         if disp and c.rank == 0:
             print(
                 f"{method} epoch {epoch + 1}/{epochs}: mean loss {epoch_losses[-1]:.6g}, "
                 f"{epoch_steps} steps, {time.perf_counter() - start:.2f} s",
                 flush=True,
             )
-        if stop:
-            status, message = 99, "`callback` raised `StopIteration`."
-            break
-    if callback is not None:
-        c.allreduce_scalars([], [], pending)  # a failure in the last callback reaches all
+    # A failure or a stop request in the last callback reaches every rank.
+    if callback is not None and driver.finish() and status == 0:
+        status, message = 99, "`callback` raised `StopIteration`."
     return OptimizeResult(
         x=x, fun=epoch_losses[-1] if epoch_losses else math.nan,
         loss_history=np.array(losses), epoch_losses=np.array(epoch_losses),
@@ -259,15 +249,3 @@ def minimize_stochastic(
 
 
 _END = object()
-
-
-def _call(callback: Callable[[OptimizeResult], Any], x: Any, loss: float, nit: int,
-          epoch: int, epoch_end: bool, stop: bool) -> tuple[bool, BaseException | None]:
-    """Run the callback: (stop requested, the exception it raised)."""
-    try:
-        callback(OptimizeResult(x=x, fun=loss, nit=nit, epoch=epoch, epoch_end=epoch_end))
-    except StopIteration:
-        return True, None
-    except Exception as exc:
-        return stop, exc
-    return stop, None

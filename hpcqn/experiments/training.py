@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Mapping
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import checkpoint
 from ..comm import Communicator
 from ..device import bind
-from ..signals import Preempted, StopFlag
+from ..run import NOTHING_AGREED, CheckpointPolicy, Driver, skip_done
+from ..signals import StopFlag
 from ..torch.data import GlobalBatches, average_gradients, broadcast_parameters
 from ..torch.kfac import KFAC
 from ..torch.mkor import MKOR
@@ -189,32 +190,31 @@ def train(
     batches = GlobalBatches(data["train_y"].numel(), batch_size, comm, seed=seed)
     records: list[dict[str, Any]] = []
     seconds, step, first_epoch, skip = 0.0, 0, 0, 0
-    if checkpoint_dir is not None and resume and checkpoint.latest(checkpoint_dir):
-        saved = checkpoint.load(checkpoint_dir, comm)
-        state = saved.state()
-        if state["config"] != json.loads(json.dumps(config)):
-            raise checkpoint.CheckpointError(
-                f"{saved.path}: saved for {state['config']}, not for this run {config}; "
-                f"remove the checkpoints or start fresh")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    driver = Driver(comm, config, CheckpointPolicy(checkpoint_dir, checkpoint_every, keep,
+                                                   resume), stop, meta={"method": method})
+    saved = driver.resume()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        records, seconds, step = list(state["records"]), float(state["seconds"]), state["step"]
-        first_epoch, skip = int(state["epoch"]), int(state["batch"])
+            scheduler.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"])
+        records, seconds, step = list(saved["records"]), float(saved["seconds"]), saved["step"]
+        first_epoch, skip = int(saved["epoch"]), int(saved["batch"])
         if comm.rank == 0 and log:
-            print(f"{method:7s} resumed from {saved.path} (step {step}, saved on "
-                  f"{saved.nranks} rank(s))", flush=True)
+            print(f"{method:7s} resumed from {driver.resumed_from.path} (step {step}, saved on "
+                  f"{driver.resumed_from.nranks} rank(s))", flush=True)
+    started = time.perf_counter()
 
-    def save(epoch: int, batch: int) -> None:
-        state = {"config": config, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "epoch": epoch, "batch": batch, "step": step, "seconds": seconds,
-                 "records": records, "rng": _rng_state()}
-        checkpoint.save(checkpoint_dir, state, comm, step=step, keep=keep,
-                        meta={"method": method, "epoch": epoch, "batch": batch})
+    def state(epoch: int, batch: int) -> dict[str, Any]:
+        nonlocal seconds, started
+        now = time.perf_counter()
+        if batch:  # mid-epoch: the clock up to now goes into the checkpoint
+            seconds, started = seconds + now - started, now
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "epoch": epoch, "batch": batch, "step": step, "seconds": seconds,
+                "records": records, "rng": _rng_state()}
 
     if metrics_path is not None and comm.rank == 0:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -223,9 +223,7 @@ def train(
     for epoch in range(first_epoch, epochs):
         batches.set_epoch(epoch)
         started = time.perf_counter()
-        for batch, (rows, weight) in enumerate(batches):
-            if batch < skip:
-                continue  # done before the checkpoint this run resumed from
+        for batch, (rows, weight) in skip_done(batches, skip):
             index = torch.as_tensor(rows, device=where)
             optimizer.zero_grad()
             loss = loss_of(model, data["train_x"][index], data["train_y"][index],
@@ -238,16 +236,14 @@ def train(
             else:
                 optimizer.step()
             step += 1
-            last = batch + 1 == len(batches)
-            signalled = stop is not None and stop.agreed(comm)
-            periodic = checkpoint_every > 0 and step % checkpoint_every == 0
-            if checkpoint_dir is not None and not last and (signalled or periodic):
-                seconds += time.perf_counter() - started
-                started = time.perf_counter()
-                save(epoch, batch + 1)
-            if signalled and not last:
-                raise Preempted(step, stop.signum if stop is not None else None)
-            preempted = signalled  # on the epoch's last step: after its checkpoint
+            # The ranks agree on signals after every step (one small reduction) only when
+            # a stop flag is installed.
+            agreed = driver.agree() if stop is not None else NOTHING_AGREED
+            if batch + 1 < len(batches):
+                driver.settle(agreed, step, functools.partial(state, epoch, batch + 1),
+                              epoch=epoch, batch=batch + 1)
+            else:  # the epoch's last step: stop after its evaluation and checkpoint
+                preempted = driver.signalled(agreed)
         skip = 0
         if scheduler is not None:
             scheduler.step()
@@ -266,8 +262,7 @@ def train(
             if metrics_path is not None:
                 with metrics_path.open("a") as stream:
                     stream.write(json.dumps(record) + "\n")
-        if checkpoint_dir is not None:
-            save(epoch + 1, 0)
+        driver.save(step, state(epoch + 1, 0), epoch=epoch + 1, batch=0)
         if preempted and epoch + 1 < epochs:
-            raise Preempted(step, stop.signum if stop is not None else None)
+            raise driver.preempt(step)
     return {"records": records, "model": model, "optimizer": optimizer}
