@@ -70,10 +70,17 @@ class CollectiveCounter:
 
 @dataclass
 class Reduced:
-    """What :meth:`Communicator.allreduce_named` returns: sums and maxes by name."""
+    """What :meth:`Communicator.allreduce_named` returns: sums and maxes by name, and the
+    (lowest, highest) of each value that should be the same on every rank."""
 
     sums: dict[str, float]
     maxes: dict[str, float]
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def differ(self) -> list[str]:
+        """The names of ``spread`` whose values are not the same on every rank."""
+        return [name for name, (low, high) in self.spread.items() if low != high]
 
 
 @dataclass
@@ -407,15 +414,23 @@ class Communicator:
         sums: Mapping[str, float] | None = None,
         maxes: Mapping[str, float] | None = None,
         error: BaseException | None = None,
+        same: Mapping[str, float] | None = None,
     ) -> Reduced:
-        """:meth:`allreduce_scalars` with names: the sum over ranks of each of ``sums``
-        and the max of each of ``maxes``, read back by name (``result.sums["f"]``,
-        ``result.maxes["signal"]``). Every rank must pass the same names in the same
-        order (they fix the layout of the one collective)."""
-        sums, maxes = dict(sums or {}), dict(maxes or {})
-        total, top = self.allreduce_scalars(list(sums.values()), list(maxes.values()), error)
+        """:meth:`allreduce_scalars` with names: the sum over ranks of each of ``sums``,
+        the max of each of ``maxes`` and the (lowest, highest) over ranks of each of
+        ``same`` (values that should agree), read back by name (``result.sums["f"]``,
+        ``result.maxes["signal"]``, ``result.differ`` lists the ``same`` names that do
+        not agree). One collective; every rank must pass the same names in the same order
+        (they fix its layout)."""
+        sums, maxes, same = dict(sums or {}), dict(maxes or {}), dict(same or {})
+        values = list(same.values())
+        total, top = self.allreduce_scalars(
+            list(sums.values()), [*maxes.values(), *values, *(-v for v in values)], error)
+        k, m = len(maxes), len(same)
+        spread = {name: (-float(top[k + m + i]), float(top[k + i]))
+                  for i, name in enumerate(same)}
         return Reduced(dict(zip(sums, map(float, total), strict=True)),
-                       dict(zip(maxes, map(float, top), strict=True)))
+                       dict(zip(maxes, map(float, top[:k]), strict=True)), spread)
 
     @_timed
     def node_local(self) -> tuple[int, int]:

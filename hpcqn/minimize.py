@@ -8,7 +8,6 @@ a SciPy custom method: ``scipy.optimize.minimize(fun, x0, jac=True, method=hpcqn
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ from . import backend
 from .comm import get_comm, serial_comm
 from .layout import gather_global
 from .optimizers.lbfgs import CALLBACK_STOP, LBFGS, LBFGSOptions
+from .options import check, declared
 from .run import CheckpointPolicy, Driver
 
 METHODS = ("lbfgs",)
@@ -29,17 +29,8 @@ def parse_options(method: str, options: Mapping[str, Any] | None) -> LBFGSOption
     """Check ``method`` and ``options`` (names and values); raises ValueError."""
     if method.lower() not in METHODS:
         raise ValueError(f"unknown method {method!r}; hpcqn.minimize offers {METHODS}")
-    known = {f.name for f in dataclasses.fields(LBFGSOptions)}
-    given = dict(options or {})
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}; "
-            f"known options: {', '.join(sorted(known))}"
-        )
-    opts = LBFGSOptions(**given)
-    opts.validate()
-    return opts
+    given = check(declared(LBFGSOptions), dict(options or {}), f"method {method!r}")
+    return LBFGSOptions(**given)
 
 
 def minimize(

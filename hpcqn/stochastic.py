@@ -146,8 +146,9 @@ def minimize_stochastic(
         setup_error = exc
     # One reduction before the first step: bad input on any rank raises on every rank,
     # and x0 must be the same everywhere.
-    _, top = c.allreduce_scalars([], checksum + [-v for v in checksum], setup_error)
-    if any(top[i] != -top[2 + i] for i in range(2)):
+    reduced = c.allreduce_named(same={"sum of x0": checksum[0], "sum of x0^2": checksum[1]},
+                                error=setup_error)
+    if reduced.differ:
         raise ValueError("x0 differs between ranks; every rank must start from the same x0")
 
     start = time.perf_counter()

@@ -330,3 +330,30 @@ def test_reduce_scatter_into_a_reused_buffer(comm, aware):
                                everything[SliceLayout(tuple(counts)).local_slice(c.rank)])
     with pytest.raises(ValueError, match="out must have shape"):
         c.reduce_scatter(full, counts, out=np.empty(counts[c.rank] + 1))
+
+
+@pytest.mark.mpi
+def test_allreduce_named_sums_maxes_and_spread(comm):
+    """Named results against their closed forms over ranks 0..P-1."""
+    p, r = comm.size, comm.rank
+    out = comm.allreduce_named(sums={"rank": float(r), "one": 1.0}, maxes={"rank": float(r)},
+                               same={"size": float(p), "rank": float(r)})
+    assert out.sums == {"rank": p * (p - 1) / 2, "one": float(p)}
+    assert out.maxes == {"rank": float(p - 1)}
+    assert out.spread == {"size": (float(p), float(p)), "rank": (0.0, float(p - 1))}
+    assert out.differ == ([] if p == 1 else ["rank"])
+
+
+@pytest.mark.mpi
+def test_world_communicator_is_one_object_per_process(comm):
+    """get_comm() returns the same Dup of COMM_WORLD each call, counters kept."""
+    if comm.mpi_comm is None:
+        pytest.skip("needs mpi4py")
+    from mpi4py import MPI
+
+    again = get_comm()
+    assert again is comm and get_comm(None) is comm
+    assert MPI.Comm.Compare(comm.mpi_comm, MPI.COMM_WORLD) == MPI.CONGRUENT
+    before = comm.calls("allreduce")
+    get_comm().allreduce_scalars([1.0])
+    assert comm.calls("allreduce") == before + 1

@@ -21,7 +21,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from ..backend import namespace
 from ..comm import Communicator
 from ..curvature.gram_history import GramHistory
 from ..curvature.linesearch import CONVERGED, EVALUATE, Backtracking, MoreThuente
+from ..options import Rule, check, declared
 
 # Status codes, as SciPy's L-BFGS-B uses them (99: the callback asked to stop).
 SUCCESS, LIMIT, LINESEARCH_FAILED, CALLBACK_STOP = 0, 1, 2, 99
@@ -53,27 +54,19 @@ class LBFGSOptions:
     disp: int = 0  # rank 0 prints a progress line every `disp` iterations
     gather_x: bool = False  # put the whole x in the result (`x_global`)
 
+    OPTION_RULES: ClassVar[dict[str, Rule]] = {
+        "history": Rule("int", 1),
+        **{name: Rule("float", 0) for name in ("gtol", "gatol", "grtol", "gttol", "ftol")},
+        **{name: Rule("int", 1) for name in ("maxiter", "maxfun", "maxls")},
+        "linesearch": Rule("str", choices=("strong-wolfe", "armijo")),
+        "fun_global": Rule("bool"),
+        "disp": Rule("int", 0),
+        "gather_x": Rule("bool"),
+    }
+
     def validate(self) -> None:
-        if int(self.history) != self.history or self.history < 1:
-            raise ValueError(f"option 'history' must be a positive integer, got {self.history}")
-        for name in ("gtol", "gatol", "grtol", "gttol", "ftol"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ValueError(f"option {name!r} must be a finite number >= 0, got {value!r}")
-        for name in ("maxiter", "maxfun", "maxls"):
-            value = getattr(self, name)
-            if int(value) != value or value < 1:
-                raise ValueError(f"option {name!r} must be a positive integer, got {value!r}")
-        if isinstance(self.disp, bool) or not isinstance(self.disp, int) or self.disp < 0:
-            raise ValueError(f"option 'disp' must be an integer >= 0, got {self.disp!r}")
-        for name in ("fun_global", "gather_x"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"option {name!r} must be True or False, "
-                                 f"got {getattr(self, name)!r}")
-        if self.linesearch not in ("strong-wolfe", "armijo"):
-            raise ValueError(
-                f"option 'linesearch' must be 'strong-wolfe' or 'armijo', got {self.linesearch!r}"
-            )
+        """Every field against :attr:`OPTION_RULES` (an ``OptionError`` naming it)."""
+        check(declared(type(self)), vars(self))
 
 
 @dataclass
@@ -137,37 +130,48 @@ class LBFGS:
 
     def _reduce(
         self,
-        sums: list[float],
-        maxes: list[float],
+        f: float,
+        gd: float,
+        gg: float,
+        ginf: float,
         error: BaseException | None,
         fingerprint: tuple[float, float] = (0.0, 0.0),
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The solver's one reduction. Its layout never depends on the options, so ranks
-        that disagree on options (or failed to parse them) still meet in it.
-        ``maxes`` are [max|g|, f not finite, f]; the fingerprint of the options and of
-        ``f`` (with ``fun_global``) is checked for equality across ranks here."""
+    ) -> tuple[float, float, float, float]:
+        """The solver's one reduction: the global f, max|g| (NaN when any rank's f or g
+        is not finite), g.d and g.g. Its layout never depends on the options, so ranks
+        that disagree on options (or failed to parse them) still meet in it; the
+        fingerprint of the options and of ``f`` (with ``fun_global``) is checked for
+        equality across ranks here."""
         self.nreductions += 1
-        checked = [maxes[2], *fingerprint]
-        total, top = self.comm.allreduce_scalars(
-            sums, [maxes[0], maxes[1], *checked, *(-v for v in checked)], error
+        finite = math.isfinite(f)
+        global_f = self.opt.fun_global
+        reduced = self.comm.allreduce_named(
+            sums={"f": 0.0 if global_f else f, "gd": gd, "gg": gg},
+            maxes={"ginf": ginf, "f_not_finite": 0.0 if finite else 1.0},
+            same={"f": f if global_f and finite else 0.0, "options": fingerprint[0],
+                  "itemsize": fingerprint[1]},
+            error=error,
         )
-        high, low = top[2:5], -top[5:8]
-        if high[1] != low[1] or high[2] != low[2]:
+        if "options" in reduced.differ or "itemsize" in reduced.differ:
             raise ValueError(
                 "minimize was called with different options or x0 dtypes on different "
                 "ranks; every rank must pass the same ones"
             )
-        if top[1] == 0 and high[0] != low[0]:  # only compared when every f is finite
+        not_finite = reduced.maxes["f_not_finite"] > 0
+        if not not_finite and "f" in reduced.differ:  # only compared when every f is finite
+            low, high = reduced.spread["f"]
             raise FunctionError(
                 f"option fun_global is set but fun returned different values on "
-                f"different ranks (from {low[0]!r} to {high[0]!r})"
+                f"different ranks (from {low!r} to {high!r})"
             )
-        return total, top[:3]
+        f_total = reduced.spread["f"][1] if global_f else reduced.sums["f"]
+        return (math.nan if not_finite else f_total, reduced.maxes["ginf"], reduced.sums["gd"],
+                reduced.sums["gg"])
 
     def fail_setup(self, error: BaseException) -> None:
         """This rank could not start (bad options or x0): meet the other ranks in the
         first reduction, so that every rank raises instead of waiting."""
-        self._reduce([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], error)
+        self._reduce(0.0, 0.0, 0.0, 0.0, error)
 
     def evaluate(
         self,
@@ -191,17 +195,7 @@ class LBFGS:
                 gg = float(g_out @ g_out) if with_gg else 0.0
         except Exception as exc:  # reported to every rank by the reduction below
             error = exc
-        finite = math.isfinite(f)
-        global_f = self.opt.fun_global
-        total, top = self._reduce(
-            [0.0 if global_f else f, gd, gg],
-            [ginf, 0.0 if finite else 1.0, f if global_f and finite else 0.0],
-            error, fingerprint,
-        )
-        f_total = float(top[2]) if global_f else float(total[0])
-        if top[1]:
-            f_total = math.nan
-        return f_total, float(top[0]), float(total[1]), float(total[2])
+        return self._reduce(f, gd, gg, ginf, error, fingerprint)
 
     def fingerprint(self, x0: Any) -> tuple[float, float]:
         """Two numbers every rank must agree on: a checksum of the options (all but
