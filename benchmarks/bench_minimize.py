@@ -140,8 +140,6 @@ def run_hpcqn_mpi(n: int, repeats: int) -> list[Run]:
 
 def worker(n: int, repeats: int) -> None:
     """Under mpiexec: solve ``repeats`` times; rank 0 prints one JSON line per solve."""
-    from mpi4py import MPI
-
     comm = hpcqn.get_comm()  # COMM_WORLD, resolved once, outside the timed region
     fun, x0 = make_problem(PROBLEM, n=n).distributed(comm)
     for _ in range(repeats):
@@ -149,7 +147,7 @@ def worker(n: int, repeats: int) -> None:
         start = time.perf_counter()
         res = hpcqn.minimize(fun, x0, comm=comm, options=hpcqn_options())
         elapsed = time.perf_counter() - start
-        seconds = comm.mpi_comm.allreduce(elapsed, op=MPI.MAX)
+        seconds = comm.allreduce_named(maxes={"seconds": elapsed}).maxes["seconds"]
         if comm.rank == 0:
             run = Run(res.nit, res.nfev, float(res.fun), seconds, bool(res.success))
             print(json.dumps(asdict(run)), flush=True)

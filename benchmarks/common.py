@@ -30,12 +30,9 @@ def cpu_model() -> str:
 def machine(extra: str = "") -> str:
     """CPU, core count, library versions, MPI library and thread settings, in one line;
     ``extra`` (e.g. torch's version) is added after the libraries."""
-    try:
-        from mpi4py import MPI
+    from hpcqn.comm import library_version
 
-        mpi_library = " ".join(MPI.Get_library_version().splitlines()[0].split())
-    except ImportError:
-        mpi_library = "no mpi4py"
+    mpi_library = library_version() or "no mpi4py"
     threads = "/".join(os.environ.get(name, "unset") for name in
                        ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"))
     return (

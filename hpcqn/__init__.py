@@ -6,7 +6,7 @@ Layers (each imports only from those above it): ``backend`` (array namespace),
 (``minimize``, the command line).
 """
 
-from .comm import Communicator, RemoteRankError, get_comm, serial_comm
+from .comm import Communicator, RemoteRankError, abort_on_failure, get_comm, serial_comm
 from .layout import BlockLayout, SliceLayout, gather_global
 from .minimize import minimize, scipy_lbfgs
 from .optimizers.first_order import SGD, Adam
@@ -26,6 +26,7 @@ __all__ = [
     "RemoteRankError",
     "SliceLayout",
     "__version__",
+    "abort_on_failure",
     "gather_global",
     "get_comm",
     "minimize",

@@ -24,10 +24,13 @@ dozen numbers these carry, an allgather costs the same latency as an allreduce.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +38,10 @@ from typing import Any
 import numpy as np
 
 from . import backend
+
+# Exit code of a job stopped because one rank failed (its error printed once, the others
+# ended by MPI_Abort or by the agreement); see hpcqn.cli for the others.
+EXIT_FAILED = 4
 
 
 class RemoteRankError(RuntimeError):
@@ -44,6 +51,18 @@ class RemoteRankError(RuntimeError):
         super().__init__(f"rank {rank} failed: {message}")
         self.rank = rank
         self.remote_message = message
+
+
+def mark_agreed(error: BaseException) -> BaseException:
+    """Mark ``error`` as known to every rank (it travelled in an agreement), so that
+    :func:`abort_on_failure` lets it end the run normally instead of aborting."""
+    error.hpcqn_agreed = True  # type: ignore[attr-defined]
+    return error
+
+
+def is_agreed(error: BaseException) -> bool:
+    """Whether every rank knows of ``error`` (see :func:`mark_agreed`)."""
+    return isinstance(error, RemoteRankError) or getattr(error, "hpcqn_agreed", False)
 
 
 def _mpi() -> Any | None:
@@ -402,6 +421,7 @@ class Communicator:
                 None if error is None else f"{type(error).__name__}: {error}", root=first
             )
             if error is not None:
+                mark_agreed(error)
                 raise error
             raise RemoteRankError(first, message)
         total = np.zeros(sums.size)
@@ -449,6 +469,18 @@ class Communicator:
         if self._parallel:
             self.mpi_comm.Barrier()
 
+    def abort(self, message: str, code: int = EXIT_FAILED) -> None:
+        """End every rank of this communicator now (``MPI_Abort``), after printing
+        ``message`` on this rank's standard error. For a failure the other ranks cannot
+        learn of by an agreement (they may be waiting in a collective already). Serial:
+        raises ``SystemExit(code)``."""
+        print(f"hpcqn: rank {self.rank} of {self.size}: {message}", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        if not self._parallel:
+            raise SystemExit(code)
+        self.mpi_comm.Abort(code)  # pragma: no cover - the process ends here
+
 
 def _displacements(counts: Sequence[int]) -> list[int]:
     """Where each rank's segment starts in the concatenation of segments of ``counts``."""
@@ -480,6 +512,31 @@ def get_comm(comm: Any = None) -> Communicator:
             f"got {type(comm).__name__}"
         )
     return Communicator(comm, cuda_aware=detect_cuda_aware().aware)
+
+
+@contextlib.contextmanager
+def abort_on_failure(comm: Any = None, code: int = EXIT_FAILED) -> Any:
+    """No rank left hanging: any exception (``KeyboardInterrupt``, ``SystemExit`` and an
+    out-of-memory error included) that leaves the block on one rank while the others may
+    be waiting in a collective ends every rank: its traceback is printed once, by the
+    failing rank, and the communicator is aborted with exit code ``code``. An error every
+    rank already knows of (one hpcqn agreed on in a reduction, such as
+    :class:`RemoteRankError`, or an ordinary stop of the run) passes through unchanged.
+    Yields the :class:`Communicator`::
+
+        with hpcqn.abort_on_failure() as comm:
+            for batch in loader:           # a user-written training loop
+                ...
+    """
+    c = get_comm(comm)
+    try:
+        yield c
+    except BaseException as exc:
+        if is_agreed(exc) or not c._parallel or isinstance(exc, SystemExit) and exc.code in (
+                None, 0):
+            raise
+        text = "".join(traceback.format_exception(exc)).rstrip()
+        c.abort(f"failed; stopping every rank:\n{text}", code)
 
 
 def library_version() -> str | None:

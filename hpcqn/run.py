@@ -143,7 +143,7 @@ class Driver:
             callback(*args, **kwargs)
         except StopIteration:
             self._stop_requested = True
-        except Exception as exc:
+        except BaseException as exc:  # KeyboardInterrupt too: agreed at the next reduction
             if self._error is None:
                 self._error = exc
 

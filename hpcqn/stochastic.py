@@ -192,7 +192,7 @@ def minimize_stochastic(
                             f"fun returned a gradient of shape {getattr(g, 'shape', None)} "
                             f"for x of shape {x.shape}"
                         )
-                except Exception as exc:  # every rank raises below
+                except BaseException as exc:  # KeyboardInterrupt too: every rank raises below
                     error = exc
             # The step's one reduction: the loss, whether every rank still has a batch,
             # the driver's stop and signal flags, and any rank's failure.

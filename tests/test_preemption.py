@@ -34,14 +34,13 @@ method, directory, out, stop_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys
 options = {"mlbfgs": {"lr": 0.1, "period": 3}, "mkor": {"lr": 0.05, "inv_freq": 3,
            "placement": "owner"}, "sgd": {"lr": 0.1, "momentum": 0.9}}[method]
 
-class StopAt:
+class StopAt:  # as tests/stops.py: SIGUSR1 from the step-th read of signum on
     def __init__(self, step):
-        self.step, self.calls, self.signum = step, 0, None
-    def agreed(self, comm):
-        self.calls += 1
-        if self.calls == self.step:
-            self.signum = signal.SIGUSR1
-        return self.signum is not None
+        self.step, self.reads = step, 0
+    @property
+    def signum(self):
+        self.reads += 1
+        return signal.SIGUSR1 if self.reads >= self.step else None
 
 comm = hpcqn.get_comm()
 try:

@@ -193,7 +193,7 @@ class LBFGS:
             if g_out.size:
                 gd = float(g_out @ d) if d is not None else 0.0
                 gg = float(g_out @ g_out) if with_gg else 0.0
-        except Exception as exc:  # reported to every rank by the reduction below
+        except BaseException as exc:  # KeyboardInterrupt too: every rank learns of it below
             error = exc
         return self._reduce(f, gd, gg, ginf, error, fingerprint)
 

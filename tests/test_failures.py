@@ -1,0 +1,112 @@
+"""No rank left hanging: real ``mpiexec`` launches in which one rank fails outside the
+solvers (in a user-written torch loop, in ``fun``), each under a hard timeout: a hang
+fails the test. Every case must end within 30 s, with the failing rank's error printed
+once and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = shutil.which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH")
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+ENV.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+LIMIT = 30.0  # seconds a failing job may take to stop every rank
+
+USER_LOOP = """
+import sys, torch, hpcqn, hpcqn.torch
+torch.set_num_threads(1)
+method, bad_rank, bad_step, kind = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+comm = hpcqn.get_comm()
+make = {"mlbfgs": lambda: hpcqn.torch.MLBFGS(model.parameters(), comm, lr=0.1),
+        "mkor": lambda: hpcqn.torch.MKOR(model, comm, lr=0.1),
+        "kfac": lambda: hpcqn.torch.KFAC(model, comm, lr=0.1)}[method]
+with hpcqn.abort_on_failure(comm):
+    opt = make()
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    for step in range(1000):
+        opt.zero_grad()
+        if comm.rank == bad_rank and step == bad_step:
+            if kind == "error":
+                raise RuntimeError(f"forward blew up on rank {comm.rank} at step {step}")
+            if kind == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            if kind == "interrupt":
+                raise KeyboardInterrupt
+            sys.exit(5)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+print("finished", comm.rank, flush=True)
+"""
+
+MINIMIZE = """
+import sys, numpy as np, hpcqn
+kind = sys.argv[1]
+comm = hpcqn.get_comm()
+calls = [0]
+def fun(x):
+    calls[0] += 1
+    if comm.rank == comm.size - 1 and calls[0] == 2:
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+        sys.exit(7)
+    return float(((x - 1.0) ** 2).sum()), 2.0 * (x - 1.0)
+try:
+    hpcqn.minimize(fun, np.zeros(5), comm=comm, options={"gtol": 1e-12, "maxiter": 100})
+except hpcqn.RemoteRankError as exc:
+    print(f"rank {comm.rank} stopped: {exc}", flush=True)
+    sys.exit(4)
+"""
+
+
+def launch(ranks: int, script: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    out = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-c", script, *args],
+                         capture_output=True, text=True, env=ENV, timeout=LIMIT + 30, cwd=ROOT)
+    return out, time.perf_counter() - start
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("method", ["mlbfgs", "mkor", "kfac"])
+def test_a_rank_failing_in_its_forward_stops_every_rank(method, ranks):
+    out, seconds = launch(ranks, USER_LOOP, method, "1", "5", "error")
+    assert seconds < LIMIT, out.stderr
+    assert out.returncode != 0
+    assert out.stderr.count("forward blew up on rank 1 at step 5") >= 1
+    assert out.stderr.count("hpcqn: rank 1 of") == 1  # printed once, by the failing rank
+    assert "finished" not in out.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["oom", "interrupt", "exit"])
+def test_out_of_memory_interrupt_or_exit_on_one_rank_stops_every_rank(kind):
+    out, seconds = launch(2, USER_LOOP, "mlbfgs", "1", "30", kind)
+    assert seconds < LIMIT, out.stderr
+    assert out.returncode != 0
+    assert out.stderr.count("hpcqn: rank 1 of 2: failed") == 1
+    expected = {"oom": "OutOfMemoryError", "interrupt": "KeyboardInterrupt",
+                "exit": "SystemExit: 5"}[kind]
+    assert expected in out.stderr
+    assert "finished" not in out.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["interrupt", "exit"])
+def test_interrupt_or_exit_in_fun_on_one_rank_reaches_every_rank(kind):
+    """Agreed in minimize's reduction: the other ranks raise RemoteRankError naming it."""
+    out, seconds = launch(2, MINIMIZE, kind)
+    assert seconds < LIMIT, out.stderr
+    assert out.returncode != 0
+    name = "KeyboardInterrupt" if kind == "interrupt" else "SystemExit"
+    assert f"rank 0 stopped: rank 1 failed: {name}" in out.stdout
