@@ -89,17 +89,37 @@ class CollectiveCounter:
 
 @dataclass
 class Reduced:
-    """What :meth:`Communicator.allreduce_named` returns: sums and maxes by name, and the
-    (lowest, highest) of each value that should be the same on every rank."""
+    """What :meth:`Communicator.allreduce_named` returns: sums and maxes by name, and every
+    rank's value of each name that should be the same on every rank (``per_rank``)."""
 
     sums: dict[str, float]
     maxes: dict[str, float]
-    spread: dict[str, tuple[float, float]] = field(default_factory=dict)
+    per_rank: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def differ(self) -> list[str]:
-        """The names of ``spread`` whose values are not the same on every rank."""
-        return [name for name, (low, high) in self.spread.items() if low != high]
+        """The names of ``per_rank`` whose values are not the same on every rank (NaN is
+        the same as NaN here)."""
+        return [name for name, values in self.per_rank.items()
+                if len({repr(v) for v in values}) > 1]
+
+    def describe(self, name: str, show: Callable[[float], str] = repr) -> str:
+        """Which ranks hold which value of ``name``: ``rank 0: 0.1; ranks 1-2: 0.2``."""
+        groups: dict[str, list[int]] = {}
+        for rank, value in enumerate(self.per_rank[name]):
+            groups.setdefault(show(value), []).append(rank)
+        return "; ".join(f"rank{'s' if len(r) > 1 else ''} "
+                         f"{_ranges(r)}: {value}" for value, r in groups.items())
+
+
+def _ranges(ranks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
+    parts, start = [], ranks[0]
+    for previous, current in zip(ranks, [*ranks[1:], None], strict=True):
+        if current != previous + 1 if current is not None else True:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = current
+    return ", ".join(parts)
 
 
 @dataclass
@@ -406,8 +426,13 @@ class Communicator:
         """
         sums = np.asarray(sums, dtype=np.float64).ravel()
         maxes = np.asarray(maxes, dtype=np.float64).ravel()
-        flag = 0.0 if error is None else 1.0
-        local = np.concatenate(([flag], sums, maxes))
+        table = self._gather_scalars(np.concatenate((sums, maxes)), error)
+        return _rank_order_sum(table[:, : sums.size]), table[:, sums.size :].max(axis=0)
+
+    def _gather_scalars(self, values: np.ndarray, error: BaseException | None) -> np.ndarray:
+        """Every rank's ``values`` (a table, one row per rank) after an error flag that
+        makes every rank raise when any rank passed an ``error``."""
+        local = np.concatenate(([0.0 if error is None else 1.0], values))
         self._count("allreduce", local.nbytes, local.nbytes * self.size)
         if self._parallel:
             table = np.empty((self.size, local.size))
@@ -424,11 +449,9 @@ class Communicator:
                 mark_agreed(error)
                 raise error
             raise RemoteRankError(first, message)
-        total = np.zeros(sums.size)
-        for row in table[:, 1 : 1 + sums.size]:
-            total += row
-        return total, table[:, 1 + sums.size :].max(axis=0)
+        return table[:, 1:]
 
+    @_timed
     def allreduce_named(
         self,
         sums: Mapping[str, float] | None = None,
@@ -437,20 +460,20 @@ class Communicator:
         same: Mapping[str, float] | None = None,
     ) -> Reduced:
         """:meth:`allreduce_scalars` with names: the sum over ranks of each of ``sums``,
-        the max of each of ``maxes`` and the (lowest, highest) over ranks of each of
-        ``same`` (values that should agree), read back by name (``result.sums["f"]``,
-        ``result.maxes["signal"]``, ``result.differ`` lists the ``same`` names that do
-        not agree). One collective; every rank must pass the same names in the same order
-        (they fix its layout)."""
+        the max of each of ``maxes``, and every rank's value of each of ``same`` (values
+        that should agree), read back by name (``result.sums["f"]``,
+        ``result.maxes["signal"]``; ``result.differ`` lists the ``same`` names that do not
+        agree, :meth:`Reduced.describe` says on which ranks). One collective; every rank
+        must pass the same names in the same order (they fix its layout)."""
         sums, maxes, same = dict(sums or {}), dict(maxes or {}), dict(same or {})
-        values = list(same.values())
-        total, top = self.allreduce_scalars(
-            list(sums.values()), [*maxes.values(), *values, *(-v for v in values)], error)
-        k, m = len(maxes), len(same)
-        spread = {name: (-float(top[k + m + i]), float(top[k + i]))
-                  for i, name in enumerate(same)}
+        values = np.array([*sums.values(), *maxes.values(), *same.values()], dtype=np.float64)
+        table = self._gather_scalars(values, error)
+        k, m = len(sums), len(maxes)
+        total, top = _rank_order_sum(table[:, :k]), table[:, k : k + m].max(axis=0)
         return Reduced(dict(zip(sums, map(float, total), strict=True)),
-                       dict(zip(maxes, map(float, top[:k]), strict=True)), spread)
+                       dict(zip(maxes, map(float, top), strict=True)),
+                       {name: [float(v) for v in table[:, k + m + i]]
+                        for i, name in enumerate(same)})
 
     @_timed
     def node_local(self) -> tuple[int, int]:
@@ -480,6 +503,14 @@ class Communicator:
         if not self._parallel:
             raise SystemExit(code)
         self.mpi_comm.Abort(code)  # pragma: no cover - the process ends here
+
+
+def _rank_order_sum(rows: np.ndarray) -> np.ndarray:
+    """The column sums of ``rows`` added in rank order: the same bits on every rank."""
+    total = np.zeros(rows.shape[1])
+    for row in rows:
+        total += row
+    return total
 
 
 def _displacements(counts: Sequence[int]) -> list[int]:

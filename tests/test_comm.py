@@ -333,15 +333,20 @@ def test_reduce_scatter_into_a_reused_buffer(comm, aware):
 
 
 @pytest.mark.mpi
-def test_allreduce_named_sums_maxes_and_spread(comm):
+def test_allreduce_named_sums_maxes_and_per_rank_values(comm):
     """Named results against their closed forms over ranks 0..P-1."""
     p, r = comm.size, comm.rank
     out = comm.allreduce_named(sums={"rank": float(r), "one": 1.0}, maxes={"rank": float(r)},
                                same={"size": float(p), "rank": float(r)})
     assert out.sums == {"rank": p * (p - 1) / 2, "one": float(p)}
     assert out.maxes == {"rank": float(p - 1)}
-    assert out.spread == {"size": (float(p), float(p)), "rank": (0.0, float(p - 1))}
+    assert out.per_rank == {"size": [float(p)] * p, "rank": [float(q) for q in range(p)]}
     assert out.differ == ([] if p == 1 else ["rank"])
+    assert out.describe("size") == (f"ranks 0-{p - 1}: {float(p)!r}" if p > 1
+                                    else f"rank 0: {float(p)!r}")
+    odd = comm.allreduce_named(same={"odd": float(r % 2)})
+    assert odd.describe("odd", lambda v: str(int(v))) == {
+        1: "rank 0: 0", 2: "rank 0: 0; rank 1: 1", 3: "ranks 0, 2: 0; rank 1: 1"}[p]
 
 
 @pytest.mark.mpi

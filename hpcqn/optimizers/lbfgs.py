@@ -159,12 +159,12 @@ class LBFGS:
             )
         not_finite = reduced.maxes["f_not_finite"] > 0
         if not not_finite and "f" in reduced.differ:  # only compared when every f is finite
-            low, high = reduced.spread["f"]
+            values = reduced.per_rank["f"]
             raise FunctionError(
                 f"option fun_global is set but fun returned different values on "
-                f"different ranks (from {low!r} to {high!r})"
+                f"different ranks (from {min(values)!r} to {max(values)!r})"
             )
-        f_total = reduced.spread["f"][1] if global_f else reduced.sums["f"]
+        f_total = max(reduced.per_rank["f"]) if global_f else reduced.sums["f"]
         return (math.nan if not_finite else f_total, reduced.maxes["ginf"], reduced.sums["gd"],
                 reduced.sums["gg"])
 
