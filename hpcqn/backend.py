@@ -110,8 +110,9 @@ def norm(a: Any) -> float:
     return float(xp.linalg.vector_norm(a))
 
 
-def check_float_array(a: Any, name: str) -> None:
-    """Raise TypeError unless ``a`` is a 1-D float32 or float64 array."""
+def check_float_array(a: Any, name: str, finite: bool = False) -> None:
+    """Raise TypeError unless ``a`` is a 1-D float32 or float64 array; with ``finite``,
+    ValueError when it holds a NaN or an infinity."""
     dtype = getattr(a, "dtype", None)
     if dtype is None or str(dtype) not in FLOAT_DTYPES:
         raise TypeError(
@@ -120,6 +121,12 @@ def check_float_array(a: Any, name: str) -> None:
         )
     if getattr(a, "ndim", None) != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(a.shape)}")
+    if finite:
+        xp = namespace(a)
+        bad = int(xp.sum(xp.logical_not(xp.isfinite(a))))
+        if bad:
+            raise ValueError(f"{name} has {bad} non-finite entr{'y' if bad == 1 else 'ies'} "
+                             f"(NaN or inf); the starting point must be finite")
 
 
 def asarray(a: Any, xp: ModuleType | None = None, dtype: Any = None) -> Any:

@@ -78,7 +78,7 @@ def minimize(
     bytes_before = sum(counter.nbytes for counter in c.counters.values())
     try:
         opts = parse_options(method, options)
-        backend.check_float_array(x0, "x0")
+        backend.check_float_array(x0, "x0", finite=True)
     except (TypeError, ValueError) as exc:
         # Raised on every rank, even when only this rank's input is bad.
         LBFGS(fun, c, LBFGSOptions()).fail_setup(exc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,48 +23,39 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from .backend import check_float_array, namespace
-from .comm import get_comm
+from .comm import describe_ranks, get_comm
 from .layout import BlockLayout
-from .optimizers.blockwise import BlockOptimizer
-from .optimizers.first_order import SGD, Adam
-from .optimizers.mlbfgs import MLBFGS
+from .optimizers import registry
+from .options import Option, OptionError, Rule, check
 from .run import CheckpointPolicy, Driver, skip_done
 
-METHODS: dict[str, type[BlockOptimizer]] = {"mlbfgs": MLBFGS, "sgd": SGD, "adam": Adam}
-DRIVER_OPTIONS = {"epochs", "blocks", "block_size", "disp", "lr_schedule"}
 SCHEDULES = ("constant", "cosine")
-METHOD_OPTIONS = {
-    "mlbfgs": {"lr", "history", "period", "beta", "damping", "weight_decay", "sigma_l",
-               "sigma_h", "momentum_form", "pair_smoothing", "normalize_direction",
-               "direction_momentum"},
-    "sgd": {"lr", "momentum", "nesterov", "weight_decay"},
-    "adam": {"lr", "betas", "eps", "weight_decay"},
+# The driver's own options (the method's come from its declaration, hpcqn.options);
+# "blocks", a list of block sizes, is checked by _layout.
+DRIVER_OPTIONS: dict[str, Option] = {
+    "epochs": Option("epochs", 1, Rule("int", 1)),
+    "block_size": Option("block_size", 1 << 16, Rule("int", 1)),
+    "disp": Option("disp", True, Rule("bool")),
+    "lr_schedule": Option("lr_schedule", "constant", Rule("str", choices=SCHEDULES)),
 }
 
 
-def make_optimizer(
-    method: str, layout: BlockLayout, comm: Any, options: Mapping[str, Any]
-) -> BlockOptimizer:
-    """A block optimizer by name with its options (unknown names are errors)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    unknown = sorted(set(options) - METHOD_OPTIONS[method])
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}; "
-            f"known: {', '.join(sorted(METHOD_OPTIONS[method] | DRIVER_OPTIONS))}"
-        )
-    kwargs = dict(options)
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    return METHODS[method](layout, comm, **kwargs)
+def options_of(method: str) -> dict[str, Option]:
+    """Every option :func:`minimize_stochastic` takes with ``method`` (but ``blocks``)."""
+    return {**DRIVER_OPTIONS, **registry.options_of(method)}
 
 
 def _layout(n: int, options: Mapping[str, Any], nranks: int) -> BlockLayout:
     if "blocks" in options and "block_size" in options:
         raise ValueError("give either 'blocks' (a list of sizes) or 'block_size', not both")
     if "blocks" in options:
-        sizes = [int(s) for s in options["blocks"]]
+        blocks = options["blocks"]
+        if isinstance(blocks, (str, bytes)) or not all(
+                isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size > 0
+                for size in blocks):
+            raise OptionError(f"option 'blocks' must be a list of positive integers, got "
+                              f"{blocks!r}")
+        sizes = [int(s) for s in blocks]
         if sum(sizes) != n:
             raise ValueError(f"option 'blocks' sums to {sum(sizes)} but x0 has {n} entries")
         return BlockLayout.from_sizes(sizes, nranks)
@@ -118,25 +110,27 @@ def minimize_stochastic(
 
     Returns an ``OptimizeResult`` with ``x``, ``fun`` (mean loss of the last epoch),
     ``loss_history`` (per step), ``epoch_losses``, ``nit``, ``nepochs``,
-    ``skipped_steps`` (non-finite gradients), ``seconds``, ``status``/``message``.
+    ``skipped_steps`` (steps not taken: a non-finite gradient or loss on any rank; their
+    losses stay in ``loss_history`` but not in ``epoch_losses``), ``seconds``,
+    ``status``/``message``.
     """
     c = get_comm(comm)
     setup_error: BaseException | None = None
     checksum = [0.0, 0.0]
     try:
-        check_float_array(x0, "x0")
-        opts = dict(options or {})
-        epochs = int(opts.pop("epochs", 1))
-        disp = bool(opts.pop("disp", True))
-        schedule = opts.pop("lr_schedule", "constant")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"option 'lr_schedule' must be one of {SCHEDULES}, got {schedule!r}")
-        if epochs < 1:
-            raise ValueError(f"option 'epochs' must be >= 1, got {epochs}")
-        layout = _layout(x0.shape[0], opts, c.size)
-        opts.pop("blocks", None)
-        opts.pop("block_size", None)
-        optimizer = make_optimizer(method, layout, c, opts)
+        check_float_array(x0, "x0", finite=True)
+        given = dict(options or {})
+        blocks = {"blocks": given.pop("blocks")} if "blocks" in given else {}
+        spec = options_of(method)
+        driver_opts = check(DRIVER_OPTIONS, {k: v for k, v in given.items()
+                                             if k in DRIVER_OPTIONS}, f"method {method!r}")
+        method_opts = {k: v for k, v in given.items() if k not in DRIVER_OPTIONS}
+        check(spec, method_opts, f"method {method!r}")  # names the option, known ones listed
+        epochs = driver_opts.get("epochs", DRIVER_OPTIONS["epochs"].default)
+        disp = driver_opts.get("disp", DRIVER_OPTIONS["disp"].default)
+        schedule = driver_opts.get("lr_schedule", DRIVER_OPTIONS["lr_schedule"].default)
+        layout = _layout(x0.shape[0], {**blocks, **driver_opts}, c.size)
+        optimizer = registry.make(method, layout, c, method_opts)
         base_lr = optimizer.lr
         if schedule == "cosine" and callable(base_lr):
             raise ValueError("lr_schedule='cosine' needs a number as lr, not a callable")
@@ -145,17 +139,31 @@ def minimize_stochastic(
     except (TypeError, ValueError) as exc:
         setup_error = exc
     # One reduction before the first step: bad input on any rank raises on every rank,
-    # and x0 must be the same everywhere.
-    reduced = c.allreduce_named(same={"sum of x0": checksum[0], "sum of x0^2": checksum[1]},
-                                error=setup_error)
-    if reduced.differ:
+    # and the configuration and x0 must be the same everywhere.
+    given = dict(options or {})
+    config = {"method": method, "x0 length": getattr(x0, "size", None),
+              "blocks": given.get("blocks"),
+              **{f"option {name!r}": given.get(name, _UNSET) for name in _ALL_OPTIONS}}
+    agreed = c.allreduce_named(
+        same={**{key: _fingerprint(value) for key, value in config.items()},
+              "sum of x0": checksum[0], "sum of x0^2": checksum[1]},
+        error=setup_error)
+    differ = [name for name in agreed.differ if name in config]
+    if differ:  # every rank takes this branch: they all see the same table
+        seen = describe_ranks(c.allgather_object(_shown(config[differ[0]])))
+        raise ValueError(
+            f"minimize_stochastic was called with a different {differ[0]} on different "
+            f"ranks ({seen}); every rank must pass the same method, options and x0")
+    if agreed.differ:
         raise ValueError("x0 differs between ranks; every rank must start from the same x0")
 
     start = time.perf_counter()
     losses: list[float] = []
     epoch_losses: list[float] = []
     status, message = 0, "finished the requested epochs"
-    first_epoch, skip, epoch_sum = 0, 0, 0.0
+    first_epoch, skip = 0, 0
+    # The epoch's finite losses (sum and count) and the steps skipped for a non-finite loss.
+    tally = {"sum": 0.0, "counted": 0, "skipped": 0}
     driver = Driver(
         c, {"method": method, "options": dict(options or {}), "n": int(x.shape[0]),
             "dtype": str(x.dtype)},
@@ -166,11 +174,11 @@ def minimize_stochastic(
         x[...] = namespace(x).asarray(saved["x"])
         optimizer.load_state_dict(saved["optimizer"])
         losses, epoch_losses = list(saved["losses"]), list(saved["epoch_losses"])
-        first_epoch, skip, epoch_sum = saved["epoch"], saved["batch"], saved["epoch_sum"]
+        first_epoch, skip, tally = saved["epoch"], saved["batch"], dict(saved["tally"])
 
-    def state(epoch: int, batch: int, partial: float) -> dict[str, Any]:
+    def state(epoch: int, batch: int, counts: dict[str, Any]) -> dict[str, Any]:
         return {"x": x, "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
-                "epoch_sum": partial, "losses": losses, "epoch_losses": epoch_losses}
+                "tally": dict(counts), "losses": losses, "epoch_losses": epoch_losses}
 
     for epoch in range(first_epoch, epochs):
         if schedule == "cosine":  # annealed per epoch: lr0 (1 + cos(pi e / E)) / 2
@@ -178,7 +186,7 @@ def minimize_stochastic(
         iterator = skip_done(_epoch_batches(batches, epoch, epochs), skip)
         epoch_steps, skip = skip, 0
         if epoch != first_epoch:
-            epoch_sum = 0.0
+            tally.update(sum=0.0, counted=0)
         while True:
             _, batch = next(iterator, (None, _END))
             exhausted = batch is _END
@@ -215,20 +223,25 @@ def minimize_stochastic(
                 break
             # Before this step: a checkpoint when due or signalled (then Preempted).
             driver.settle(agreed, len(losses), functools.partial(state, epoch, epoch_steps,
-                                                                 epoch_sum),
+                                                                 tally),
                           epoch=epoch, batch=epoch_steps)
             loss = reduced.sums["loss"] / c.size
-            optimizer.step(x, namespace(x).asarray(g, dtype=x.dtype))
-            losses.append(loss)
             if math.isfinite(loss):
-                epoch_sum += loss
+                optimizer.step(x, namespace(x).asarray(g, dtype=x.dtype))
+                tally["sum"] += loss
+                tally["counted"] += 1
+            else:  # a non-finite loss on any rank: skipped on every rank, like a bad gradient
+                tally["skipped"] += 1
+            losses.append(loss)
             epoch_steps += 1
             driver.call(callback, OptimizeResult(x=x, fun=loss, nit=len(losses), epoch=epoch,
                                                  epoch_end=False))
         if status == 99:
             break
-        epoch_losses.append(epoch_sum / max(epoch_steps, 1))
-        driver.save(len(losses), state(epoch + 1, 0, 0.0), epoch=epoch + 1, batch=0)
+        epoch_losses.append(tally["sum"] / tally["counted"] if tally["counted"]
+                            else 0.0 if not epoch_steps else math.nan)
+        driver.save(len(losses), state(epoch + 1, 0, {**tally, "sum": 0.0, "counted": 0}),
+                    epoch=epoch + 1, batch=0)
         driver.call(callback, OptimizeResult(x=x, fun=epoch_losses[-1], nit=len(losses),
                                              epoch=epoch, epoch_end=True))
         if disp and c.rank == 0:
@@ -243,10 +256,33 @@ def minimize_stochastic(
     return OptimizeResult(
         x=x, fun=epoch_losses[-1] if epoch_losses else math.nan,
         loss_history=np.array(losses), epoch_losses=np.array(epoch_losses),
-        nit=len(losses), nepochs=len(epoch_losses), skipped_steps=optimizer.skipped_steps,
+        nit=len(losses), nepochs=len(epoch_losses),
+        skipped_steps=optimizer.skipped_steps + tally["skipped"],
         seconds=time.perf_counter() - start, status=status, success=status == 0,
         message=message, optimizer=optimizer,
     )
 
 
 _END = object()
+
+
+_UNSET = object()
+# Every option name any method or the driver has: a layout of the start's agreement that
+# is the same on every rank whatever each rank was given.
+_ALL_OPTIONS = sorted({*DRIVER_OPTIONS, *(name for method in registry.METHODS
+                                         for name in registry.options_of(method))})
+
+
+def _shown(value: Any) -> str:
+    """A configuration value as ranks compare it: its repr (a callable is "a callable",
+    its address is not the same on every rank)."""
+    if callable(value):
+        return "a callable"
+    if value is _UNSET:
+        return "not given"
+    return repr(tuple(value) if isinstance(value, list) else value)
+
+
+def _fingerprint(value: Any) -> float:
+    """A number for a configuration value: the CRC-32 of :func:`_shown`."""
+    return float(zlib.crc32(_shown(value).encode()))
