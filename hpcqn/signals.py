@@ -1,4 +1,4 @@
-"""Stopping at a step boundary on SIGUSR1 or SIGTERM (what Slurm sends before a time
+"""Stopping at a step boundary on SIGUSR1, SIGTERM or SIGINT (what Slurm sends before a time
 limit or a preemption, see ``slurm/``): the handler only sets a flag (``signum``); at the
 next step boundary the driver (:mod:`hpcqn.run`) puts it into a reduction the ranks make
 anyway, so a signal delivered to any one rank stops every rank at the same step, which
@@ -12,7 +12,10 @@ from types import FrameType
 from typing import Any
 
 EXIT_PREEMPTED = 3  # checkpoint written after a signal; run the same command to resume
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# SIGINT too: Ctrl-C on mpiexec (which forwards it to every rank) or srun stops the run at
+# the next step boundary with a checkpoint, like SIGTERM; a second Ctrl-C on a rank that
+# is still running raises KeyboardInterrupt there (a hard stop).
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -33,6 +36,8 @@ class StopFlag:
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __enter__(self) -> StopFlag:

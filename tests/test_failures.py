@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -110,3 +111,50 @@ def test_interrupt_or_exit_in_fun_on_one_rank_reaches_every_rank(kind):
     assert out.returncode != 0
     name = "KeyboardInterrupt" if kind == "interrupt" else "SystemExit"
     assert f"rank 0 stopped: rank 1 failed: {name}" in out.stdout
+
+
+JOB = """
+[job]
+kind = "torch"
+name = "interrupted"
+[model]
+name = "mlp"
+hidden = 16
+[train]
+epochs = 8
+batch_size = 64
+[methods.sgd]
+lr = 0.05
+"""
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_on_mpiexec_is_an_agreed_stop_with_a_checkpoint(tmp_path):
+    """SIGINT to the launcher (as Ctrl-C sends it): every rank stops at the same step,
+    the checkpoint is written, exit 3 and no traceback; the same command resumes."""
+    job = tmp_path / "job.toml"
+    job.write_text(JOB)
+    command = [MPIEXEC, "-n", "2", sys.executable, "-m", "hpcqn", "run", str(job),
+               "--output", str(tmp_path / "run" / "summary.json")]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=ENV, cwd=tmp_path)
+    assert launcher.stdout is not None
+    lines = []
+    for line in launcher.stdout:  # wait until training runs
+        lines.append(line)
+        if "epoch   2" in line:
+            break
+    start = time.perf_counter()
+    launcher.send_signal(signal.SIGINT)
+    rest, stderr = launcher.communicate(timeout=LIMIT + 30)
+    seconds = time.perf_counter() - start
+    out = "".join(lines) + rest
+    assert launcher.returncode == 3, out + stderr
+    assert seconds < LIMIT
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert out.count("stopped by SIGINT") == 1, out  # rank 0 says it, once
+    assert (tmp_path / "run" / "checkpoints" / "sgd" / "latest").exists()
+    resumed = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path,
+                             timeout=200)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
