@@ -125,14 +125,21 @@ def test_core_statistics_and_owner_placement_on_one_rank():
 
 def test_core_bad_input():
     serial = hpcqn.serial_comm()
-    with pytest.raises(ValueError, match="gam"):
-        CoreMKOR([(2, 2)], serial, gam=1.0)
+    with pytest.raises(ValueError, match="factor_decay"):
+        CoreMKOR([(2, 2)], serial, factor_decay=1.0)
     with pytest.raises(ValueError, match="placement"):
         CoreMKOR([(2, 2)], serial, placement="everywhere")
     with pytest.raises(ValueError, match="factor_dtype"):
         CoreMKOR([(2, 2)], serial, factor_dtype="int8")
-    with pytest.raises(ValueError, match="inv_freq"):
-        CoreMKOR([(2, 2)], serial, inv_freq=0)
+    with pytest.raises(ValueError, match="factor_freq"):
+        CoreMKOR([(2, 2)], serial, factor_freq=0)
+    with pytest.warns(DeprecationWarning) as record:  # the old names still work
+        old = CoreMKOR([(2, 2)], serial, gam=0.8, inv_freq=3)
+    assert (old.factor_decay, old.factor_freq) == (0.8, 3)
+    assert sorted(str(w.message).split("use ")[1] for w in record) == [
+        "'factor_decay' (the same option)", "'factor_freq' (the same option)"]
+    with pytest.raises(ValueError, match="factor_decay"):
+        CoreMKOR([(2, 2)], serial, gam=0.8, factor_decay=0.8)
     core = CoreMKOR([(2, 3)], serial)
     with pytest.raises(ValueError, match="shape"):
         core.precondition([np.ones((3, 2))])

@@ -78,7 +78,7 @@ def test_step_applies_the_dense_preconditioned_gradient():
     layer = nn.Linear(5, 3).double()
     opt = ht.MKOR(layer, SERIAL, lr=0.1, optimizer_options={"momentum": 0.0})
     x = torch.randn(9, 5, dtype=torch.float64)
-    for _ in range(3):  # update steps 0 (inv_freq 10): factors set at step 0
+    for _ in range(3):  # update steps 0 (factor_freq 10): factors set at step 0
         before = torch.cat([layer.weight, layer.bias[:, None]], 1).detach().clone()
         opt.zero_grad()
         nn.functional.mse_loss(layer(x), torch.ones(9, 3, dtype=torch.float64)).backward()
@@ -162,7 +162,7 @@ def train_steps(opt, model, data, steps, start=0, hybrid=False):
 @pytest.mark.parametrize("kind", ["sgd", "adam", "lamb"])
 def test_state_dict_round_trip_continues_bitwise(dtype, kind):
     data = digits(dtype=dtype)
-    options = {"optimizer": kind, "lr": 0.01 if kind != "sgd" else 0.05, "inv_freq": 3,
+    options = {"optimizer": kind, "lr": 0.01 if kind != "sgd" else 0.05, "factor_freq": 3,
                "hybrid": True, "hybrid_window": 4}
     straight = make_model("cnn", dtype=dtype)
     opt = ht.MKOR(straight, SERIAL, **options)
@@ -184,7 +184,7 @@ def test_state_dict_round_trip_continues_bitwise(dtype, kind):
 
 def test_hybrid_switch_stops_the_factor_work():
     model = make_model("mlp", hidden=16)
-    opt = ht.MKOR(model, SERIAL, lr=0.05, inv_freq=2, hybrid=True, hybrid_window=3)
+    opt = ht.MKOR(model, SERIAL, lr=0.05, factor_freq=2, hybrid=True, hybrid_window=3)
     data = digits()
     for k in range(20):  # a constant reported loss: a plateau from the start
         opt.zero_grad()

@@ -95,7 +95,7 @@ def test_momentum_and_pairs_by_hand():
     """Three blocks of 2, period 2, beta 0.5, lr 0.1: the sequence written out."""
     layout = BlockLayout.from_sizes([2, 2, 2], 1)
     opt = MLBFGS(layout, hpcqn.serial_comm(), lr=0.1, history=3, period=2, beta=0.5,
-                 damping=0.0, **PLAIN)
+                 pair_damping=0.0, **PLAIN)
     a = np.diag([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     x = np.ones(6)
     thetas, grads = [], []
@@ -153,7 +153,7 @@ def test_converges_on_a_deterministic_quadratic():
         start += size
     b = rng.standard_normal(16)
     opt = MLBFGS(BlockLayout.from_sizes(blocks, 1), hpcqn.serial_comm(), lr=1.0, beta=0.0,
-                 period=1, damping=0.0, sigma_l=1e-8, sigma_h=1e8, **PLAIN)
+                 period=1, pair_damping=0.0, sigma_l=1e-8, sigma_h=1e8, **PLAIN)
     x = np.zeros(16)
     for _ in range(60):
         opt.step(x, a @ x - b)
@@ -213,7 +213,7 @@ def test_block_layout_greedy_owners_and_rank_major_order():
 def test_non_finite_pair_is_skipped_and_counted():
     """A pair whose products overflow is skipped: counted, history and step intact."""
     layout = BlockLayout.chunks(4, 4, 1)
-    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=1e-3, period=2, beta=0.0, damping=0.0,
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=1e-3, period=2, beta=0.0, pair_damping=0.0,
                  **PLAIN)
     x = np.ones(4)
     for _ in range(3):  # steps 0-2: one pair (at step 2)
@@ -235,7 +235,7 @@ def test_min_cos_skips_nearly_orthogonal_pairs(min_cos, pushed):
     cos(s, y) = 0.1 for the first, 0.5 for the second. ``min_cos`` skips the pairs at or
     below it and counts them; 0 (the default) keeps both."""
     layout = BlockLayout.chunks(2, 2, 1)
-    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=1e-12, period=1, beta=0.0, damping=0.0,
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=1e-12, period=1, beta=0.0, pair_damping=0.0,
                  min_cos=min_cos, **PLAIN)
     x = np.zeros(2)
     opt.step(x, np.zeros(2))  # step 0: the reference point

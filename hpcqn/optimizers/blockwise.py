@@ -29,10 +29,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .. import options
 from ..backend import all_finite, check_float_array, namespace
 from ..backend import copy as backend_copy
 from ..comm import Communicator, get_comm
 from ..layout import BlockLayout
+from ..options import Rule
 from ..timing import PhaseTimer, phase
 
 MODES = ("replicated", "sharded")
@@ -41,7 +43,16 @@ State = dict[str, Any]
 
 
 class BlockOptimizer:
-    """Base class: the distribution of a block-wise optimizer (see the module docs)."""
+    """Base class: the distribution of a block-wise optimizer (see the module docs).
+    Options (:mod:`hpcqn.options`): the constructors' keyword parameters, with the kinds
+    and ranges of ``OPTION_RULES`` (merged along the subclasses)."""
+
+    OPTION_RULES = {
+        "lr": Rule("schedule", low=0.0, open_low=True),
+        "weight_decay": Rule("float", low=0.0),
+        "mode": Rule("str", choices=MODES),
+    }
+    NOT_OPTIONS = ("layout", "comm")
 
     def __init__(
         self,
@@ -59,12 +70,7 @@ class BlockOptimizer:
                 f"layout was made for {layout.nranks} ranks but the communicator has "
                 f"{self.comm.size}; build it with BlockLayout.from_sizes(sizes, comm.size)"
             )
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not callable(lr) and not float(lr) > 0:
-            raise ValueError(f"lr must be positive or a callable of the step, got {lr!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        options.validate(self, locals())
         self.layout = layout
         self.mode = mode
         self.lr = lr

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import options
 from ..backend import namespace
 from ..layout import BlockLayout
+from ..options import Rule
 from .blockwise import BlockOptimizer, Schedule, State
 
 
 class SGD(BlockOptimizer):
+    OPTION_RULES = {"momentum": Rule("float", low=0.0, high=1.0, open_high=True),
+                    "nesterov": Rule("bool")}
+
     def __init__(
         self,
         layout: BlockLayout,
@@ -28,9 +33,8 @@ class SGD(BlockOptimizer):
         weight_decay: float = 0.0,
         mode: str = "replicated",
     ):
+        options.validate(self, locals())
         super().__init__(layout, comm, lr=lr, weight_decay=weight_decay, mode=mode)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if nesterov and not momentum:
             raise ValueError("nesterov needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
@@ -52,6 +56,9 @@ class SGD(BlockOptimizer):
 
 
 class Adam(BlockOptimizer):
+    OPTION_RULES = {"betas": Rule("pair", low=0.0, high=1.0, open_high=True),
+                    "eps": Rule("float", low=0.0, open_low=True)}
+
     def __init__(
         self,
         layout: BlockLayout,
@@ -62,12 +69,9 @@ class Adam(BlockOptimizer):
         weight_decay: float = 0.0,
         mode: str = "replicated",
     ):
+        options.validate(self, locals())
         super().__init__(layout, comm, lr=lr, weight_decay=weight_decay, mode=mode)
         b1, b2 = (float(b) for b in betas)
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
         self.b1, self.b2, self.eps = b1, b2, float(eps)
 
     def init_block(self, block: int, theta: Any, g: Any) -> State:

@@ -15,7 +15,8 @@ damped factors, and preconditions
     method="eigen":    D = Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T
 
 (``A = Q_A diag(d_A) Q_A^T``, the same for ``G``: the inverse of ``G (x) A + damping I``).
-Then the KL clip (:func:`kl_clip_scale`) scales every layer's ``D`` by
+(the formulas: :mod:`hpcqn.curvature.kfac_factors`). Then the KL clip
+(:func:`~hpcqn.curvature.kfac_factors.kl_clip_scale`) scales every layer's ``D`` by
 ``min(1, sqrt(kl_clip / (lr^2 sum_layers <D, grad>)))``.
 
 Distribution: every layer's new ``A`` and ``G`` sums travel in ONE allreduce per factor
@@ -26,59 +27,29 @@ step (``O(sum d^2)`` numbers, which is K-FAC's communication cost against MKOR's
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 
-from ..backend import astype, namespace
+from .. import options
+from ..backend import astype
+from ..curvature.kfac_factors import (
+    damped_eigh,
+    damped_inverse,
+    factors_from_sums,
+    kl_clip_scale,
+    precondition_eigen,
+    precondition_inverse,
+    running_average,
+)
+from ..options import Rule
 from .layerwise import PLACEMENTS, LayerwisePreconditioner, Stats
 
 METHODS = ("inverse", "eigen")
+# damped_inverse, damped_eigh and kl_clip_scale live in hpcqn.curvature.kfac_factors;
+# imported here, where they were, so that old imports keep working.
 __all__ = ["KFAC", "METHODS", "PLACEMENTS", "damped_inverse", "damped_eigh", "kl_clip_scale"]
-
-
-def damped_inverse(factor: Any, damping: float) -> Any:
-    """``(F + damping I)^-1`` of a symmetric positive semi-definite ``F``: Cholesky
-    (LAPACK potrf + potri) for NumPy arrays, the namespace's ``linalg.inv`` otherwise;
-    when the Cholesky factorisation fails (``F`` indefinite by rounding) it falls back to
-    the eigendecomposition with eigenvalues clipped at 0."""
-    xp = namespace(factor)
-    d = factor.shape[0]
-    m = factor + damping * xp.eye(d, dtype=factor.dtype)
-    if xp is not np:
-        return xp.linalg.inv(m)
-    potrf, potri = scipy.linalg.lapack.get_lapack_funcs(("potrf", "potri"), (m,))
-    c, info = potrf(m, lower=True, overwrite_a=True, clean=False)
-    if info == 0:
-        inverse, info = potri(c, lower=True, overwrite_c=True)
-    if info != 0:
-        q, values = damped_eigh(factor)
-        return (q / (values + damping)) @ q.T
-    lower = np.tril(inverse)
-    return lower + np.tril(lower, -1).T
-
-
-def damped_eigh(factor: Any) -> tuple[Any, Any]:
-    """``(Q, d)`` with ``F = Q diag(d) Q^T`` and ``d`` clipped at 0 (a factor is PSD)."""
-    xp = namespace(factor)
-    values, q = xp.linalg.eigh(factor)
-    return q, xp.maximum(values, 0.0)
-
-
-def kl_clip_scale(directions: Sequence[Any], grads: Sequence[Any], lr: float,
-                  kl_clip: float) -> float:
-    """KAISA's KL clip: ``min(1, sqrt(kl_clip / |lr^2 sum_k <D_k, grad_k>|))`` (1 when the
-    sum is 0 or not finite, or ``kl_clip`` is 0: no clipping)."""
-    if not kl_clip:
-        return 1.0
-    total = sum(float((d * g).sum()) for d, g in zip(directions, grads, strict=True))
-    vg = abs(total) * lr * lr
-    if not vg > 0 or not math.isfinite(vg):
-        return 1.0
-    return min(1.0, math.sqrt(kl_clip / vg))
 
 
 class KFAC(LayerwisePreconditioner):
@@ -86,6 +57,12 @@ class KFAC(LayerwisePreconditioner):
     ``shapes = [(d_out, d_in), ...]``."""
 
     name = "K-FAC"
+    OPTION_RULES = {
+        "factor_freq": Rule("int", low=1), "inv_freq": Rule("int", low=1),
+        "factor_decay": Rule("float", low=0.0, high=1.0, open_high=True),
+        "damping": Rule("float", low=0.0, open_low=True),
+        "method": Rule("str", choices=METHODS),
+    }
 
     def __init__(
         self,
@@ -100,18 +77,10 @@ class KFAC(LayerwisePreconditioner):
         dtype: Any = np.float32,
         xp: Any = np,
     ):
-        for name, value in (("factor_freq", factor_freq), ("inv_freq", inv_freq)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+        options.validate(self, locals())
         if inv_freq % factor_freq:
             raise ValueError(f"inv_freq ({inv_freq}) must be a multiple of factor_freq "
                              f"({factor_freq})")
-        if not 0.0 <= factor_decay < 1.0:
-            raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
-        if not damping > 0:
-            raise ValueError(f"damping must be positive, got {damping}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         super().__init__(shapes, comm, placement, lambda o, i: o**3 + i**3, dtype, xp)
         self.factor_freq, self.inv_freq = int(factor_freq), int(inv_freq)
         self.factor_decay, self.damping, self.method = float(factor_decay), float(damping), method
@@ -161,9 +130,8 @@ class KFAC(LayerwisePreconditioner):
                 result.append(None)
                 continue
             x, rows, y, ranks, batch = r
-            per_sample = (batch / ranks) ** 2  # (B/P)^2
-            result.append((x.reshape(d_in, d_in) / rows,
-                           y.reshape(d_out, d_out) * (per_sample / rows)))
+            result.append(factors_from_sums(x.reshape(d_in, d_in), rows,
+                                            y.reshape(d_out, d_out), ranks, batch))
         return result
 
     def update_factors(self, stats: Sequence[tuple[Any, Any] | None]) -> None:
@@ -175,9 +143,7 @@ class KFAC(LayerwisePreconditioner):
                 self.missing[k] = self.missing.get(k, 0) + 1
                 continue
             for key, new in zip(("A", "G"), item, strict=True):
-                factor = self.factors[k][key]
-                factor *= decay
-                factor += (1.0 - decay) * new
+                running_average(self.factors[k][key], new, decay)
         self.factor_updates += 1
 
     def update_inverses(self) -> None:
@@ -199,11 +165,9 @@ class KFAC(LayerwisePreconditioner):
             raise RuntimeError("K-FAC: precondition before the first update_inverses()")
         grad = astype(grad, self.array_dtype, copy=False)
         if self.method == "inverse":
-            return inv["G"] @ grad @ inv["A"]
-        qa, qg = inv["QA"], inv["QG"]
-        rotated = qg.T @ grad @ qa
-        rotated /= inv["dG"][:, None] * inv["dA"][None, :] + self.damping
-        return qg @ rotated @ qa.T
+            return precondition_inverse(inv["G"], grad, inv["A"])
+        return precondition_eigen(inv["QG"], inv["dG"], grad, inv["QA"], inv["dA"],
+                                  self.damping)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

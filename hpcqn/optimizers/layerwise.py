@@ -20,6 +20,7 @@ import numpy as np
 from ..backend import namespace, to_host
 from ..comm import Communicator, get_comm
 from ..layout import BlockLayout
+from ..options import Rule
 
 PLACEMENTS = ("redundant", "owner")
 # This rank's statistics of one layer: (x summed over rows, how many rows, y) or None;
@@ -33,9 +34,13 @@ SCALARS = 3  # per layer in the fused buffer: rows, presence, batch size
 
 class LayerwisePreconditioner:
     """Base class: subclasses set ``costs`` (work per layer, for placement), implement
-    :meth:`_precondition_one` and keep their per-layer state for ``self.kept``."""
+    :meth:`_precondition_one` and keep their per-layer state for ``self.kept``.
+    Options (:mod:`hpcqn.options`): the subclasses' keyword parameters, with the rules of
+    ``OPTION_RULES`` merged along the hierarchy (``placement`` is declared here)."""
 
     name = "preconditioner"
+    OPTION_RULES = {"placement": Rule("str", choices=PLACEMENTS)}
+    NOT_OPTIONS = ("shapes", "comm", "costs", "dtype", "xp")
 
     def __init__(self, shapes: Sequence[tuple[int, int]], comm: Any, placement: str,
                  costs: Callable[[int, int], float], dtype: Any, xp: Any):
@@ -44,7 +49,8 @@ class LayerwisePreconditioner:
         if not self.shapes or any(o < 1 or i < 1 for o, i in self.shapes):
             raise ValueError(f"{self.name} needs at least one layer of positive shape, got "
                              f"{shapes}")
-        if placement not in PLACEMENTS:
+        if placement not in PLACEMENTS:  # subclasses check it with their options; this
+            # guards a direct call
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         self.placement, self.dtype, self.xp = placement, np.dtype(dtype), xp
         self.array_dtype = getattr(xp, self.dtype.name)  # the dtype object of ``xp``

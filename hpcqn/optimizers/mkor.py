@@ -3,10 +3,16 @@
 A "layer" is a weight matrix ``W`` of shape ``(d_out, d_in)`` (a bias folded in as the
 last input column, whose activation is 1). Per layer this keeps the inverses of its two
 Kronecker factors, ``Linv`` (``d_out x d_out``) and ``Rinv`` (``d_in x d_in``), updated
-every ``inv_freq`` steps by rank-1 Sherman-Morrison steps with the layer's mean output
-gradient ``g`` and mean input ``a`` (:mod:`hpcqn.curvature.kronecker`), and turns a
+every ``factor_freq`` steps by rank-1 Sherman-Morrison steps with the layer's mean output
+gradient ``g`` and mean input ``a`` and the running-average decay ``factor_decay``
+(:mod:`hpcqn.curvature.kronecker`), and turns a
 gradient ``G`` into ``Linv G Rinv`` rescaled to ``||G||``, which a first-order optimizer
 then takes as its gradient.
+
+``factor_freq`` and ``factor_decay`` were called ``inv_freq`` and ``gam``; the old names
+are still accepted (deprecated), so that the names mean what K-FAC's do: K-FAC's
+``factor_freq`` is how often statistics update the factors, its ``inv_freq`` how often
+inverses are recomputed (MKOR has no such step: its inverses are the factors).
 
 Distribution over the communicator:
 
@@ -28,24 +34,37 @@ from typing import Any
 
 import numpy as np
 
+from .. import options
 from ..backend import astype
 from ..curvature.kronecker import STORAGE, FactorInverse, precondition
+from ..options import Rule
 from .layerwise import PLACEMENTS, LayerwisePreconditioner, Stats
 
-__all__ = ["MKOR", "HybridSwitch", "PLACEMENTS", "Stats"]
+__all__ = ["MKOR", "HybridSwitch", "PLACEMENTS", "STATS_DTYPES", "Stats"]
+STATS_DTYPES = ("float16", "float32", "float64")
 
 
 class MKOR(LayerwisePreconditioner):
     """Factor inverses and preconditioning for ``shapes = [(d_out, d_in), ...]``."""
 
     name = "MKOR"
+    OPTION_RULES = {
+        "factor_freq": Rule("int", low=1),
+        "factor_decay": Rule("float", low=0.0, high=1.0, open_low=True, open_high=True),
+        "eps_stab": Rule("float", low=0.0, open_low=True),
+        "zeta": Rule("float", low=0.0, high=1.0, open_high=True),
+        "factor_dtype": Rule("str", choices=STORAGE, none=True),
+        "stats_dtype": Rule("str", choices=STATS_DTYPES, none=True),
+    }
+    DEPRECATED = {"gam": "factor_decay", "inv_freq": "factor_freq"}
 
+    @options.renames
     def __init__(
         self,
         shapes: Sequence[tuple[int, int]],
         comm: Any = None,
-        inv_freq: int = 10,
-        gam: float = 0.95,
+        factor_freq: int = 10,
+        factor_decay: float = 0.95,
         eps_stab: float = 2.0,
         zeta: float = 0.9,
         placement: str = "redundant",
@@ -54,21 +73,10 @@ class MKOR(LayerwisePreconditioner):
         dtype: Any = np.float32,
         xp: Any = np,
     ):
-        if int(inv_freq) != inv_freq or inv_freq < 1:
-            raise ValueError(f"inv_freq must be a positive integer, got {inv_freq}")
-        if not 0.0 < gam < 1.0:
-            raise ValueError(f"gam must be in (0, 1), got {gam}")
-        if not 0.0 <= zeta < 1.0:
-            raise ValueError(f"zeta must be in [0, 1), got {zeta}")
-        if not eps_stab > 0:
-            raise ValueError(f"eps_stab must be positive, got {eps_stab}")
-        if factor_dtype is not None and factor_dtype not in STORAGE:
-            raise ValueError(f"factor_dtype must be one of {STORAGE}, got {factor_dtype!r}")
-        if stats_dtype not in (None, "float16", "float32", "float64"):
-            raise ValueError(f"stats_dtype must be float16, float32 or float64, got "
-                             f"{stats_dtype!r}")
+        options.validate(self, locals())
         super().__init__(shapes, comm, placement, lambda o, i: o * o + i * i, dtype, xp)
-        self.inv_freq, self.gam, self.eps_stab, self.zeta = int(inv_freq), gam, eps_stab, zeta
+        self.factor_freq, self.factor_decay = int(factor_freq), factor_decay
+        self.eps_stab, self.zeta = eps_stab, zeta
         self.factor_dtype = factor_dtype
         self.stats_dtype = np.dtype(stats_dtype or self.dtype)
         self.factors = {k: self._new_factors(k) for k in self.kept}
@@ -81,7 +89,7 @@ class MKOR(LayerwisePreconditioner):
                 FactorInverse(d_in, self.xp, self.dtype, self.factor_dtype))
 
     def is_update_step(self, step: int) -> bool:
-        return step % self.inv_freq == 0
+        return step % self.factor_freq == 0
 
     # -- statistics ----------------------------------------------------------------------
     def reduce_statistics(self, stats: Sequence[Stats | None]) -> list[tuple[Any, Any] | None]:
@@ -112,8 +120,8 @@ class MKOR(LayerwisePreconditioner):
                 continue
             a, g = item
             linv, rinv = self.factors[k]
-            linv.update(g, self.gam, self.eps_stab, self.zeta)
-            rinv.update(a, self.gam, self.eps_stab, self.zeta)
+            linv.update(g, self.factor_decay, self.eps_stab, self.zeta)
+            rinv.update(a, self.factor_decay, self.eps_stab, self.zeta)
         self.updates += 1
 
     # -- preconditioning -----------------------------------------------------------------
@@ -157,11 +165,10 @@ class HybridSwitch:
     ``(previous - last) / |previous|`` is below ``threshold``, switch for good. The
     losses are identical on every rank, so every rank switches at the same step."""
 
+    OPTION_RULES = {"window": Rule("int", low=1), "threshold": Rule("float", low=0.0)}
+
     def __init__(self, window: int = 50, threshold: float = 0.01):
-        if int(window) != window or window < 1:
-            raise ValueError(f"hybrid window must be a positive integer, got {window}")
-        if not threshold >= 0:
-            raise ValueError(f"hybrid threshold must be >= 0, got {threshold}")
+        options.validate(self, locals(), "MKOR-H switch")
         self.window, self.threshold = int(window), float(threshold)
         self.losses: list[float] = []
         self.steps = 0

@@ -6,7 +6,7 @@ ALGORITHMS.md section 1, per block ``b`` that this rank owns, at step ``t``::
     (both start at the first step's theta and g)
     every `period` steps (t > 0, t % period == 0):
         s = Mth - Mth_prev ; y = Mg - Mg_prev ; Mth_prev, Mg_prev = Mth, Mg
-        y_hat = tau y + (1 - tau) s            (hpcqn.curvature.damping)
+        y_hat = tau y + (1 - tau) s            (hpcqn.curvature.damping.accept_pair)
         push (s, y_hat) when s.y_hat is finite and > 0 (and, with min_cos > 0, when
         s.y > min_cos |s| |y|), else skip and count
     d = H_b g_b  (compact form, H0 = gamma I; d = g_b until the block has a pair)
@@ -21,7 +21,7 @@ Why: the damping keeps ``s.y_hat / s.s`` in ``[sigma_L, sigma_H]`` but does not 
 the norm of ``H`` (a pair with ``y_hat`` nearly orthogonal to ``s`` makes the BFGS
 factors large), and on the digits MLP plain steps diverged at every learning rate
 tried, while normalised steps did not (``benchmarks/bench_mlbfgs.py`` and the torch
-jobs). ``beta=0.99``, ``period=20``, ``history=10``, ``damping=0.01`` are the best of
+jobs). ``beta=0.99``, ``period=20``, ``history=10``, ``pair_damping=0.01`` are the best of
 that benchmark; the paper used ``beta=0.999``, ``period=50`` at ImageNet scale.
 
 ``min_cos=0.2`` (ours; 0 turns it off) also skips a pair whose ``s`` and ``y`` are
@@ -29,6 +29,9 @@ nearly orthogonal (``cos(s, y) <= min_cos``, before damping). Such a pair is mos
 and stretches ``H`` along ``s`` by about ``1 / cos^2``; on the digits CNN, without the
 test, it let the smallest block take most of the normalised step and one seed diverge
 (3 of 3 seeds train at lr 0.1 and 0.3 with it).
+
+``pair_damping`` was called ``damping`` (still accepted, deprecated: K-FAC's ``damping``
+is a different thing, the Tikhonov term).
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
+from .. import options
 from ..backend import axpy, namespace
 from ..curvature.block_history import BlockHistory
-from ..curvature.damping import SIGMA_H, SIGMA_L, damping_tau
+from ..curvature.damping import SIGMA_H, SIGMA_L, accept_pair
 from ..layout import BlockLayout
+from ..options import Rule
 from ..timing import phase
 from .blockwise import BlockOptimizer, Schedule, State
 
@@ -63,6 +66,21 @@ def _materialise(state: State, scale_key: str, names: tuple[str, ...]) -> None:
 class MLBFGS(BlockOptimizer):
     """mL-BFGS over a :class:`~hpcqn.layout.BlockLayout`; ``step(x, g)`` updates ``x``."""
 
+    OPTION_RULES = {
+        "history": Rule("int", low=1), "period": Rule("int", low=1),
+        "beta": Rule("float", low=0.0, high=1.0, open_high=True),
+        "pair_damping": Rule("float", low=0.0, high=1.0, open_high=True),
+        "sigma_l": Rule("float", low=0.0, high=1.0, open_low=True, open_high=True),
+        "sigma_h": Rule("float", low=1.0, open_low=True, finite=False),
+        "momentum_form": Rule("str", choices=MOMENTUM_FORMS),
+        "pair_smoothing": Rule("float", low=0.0, high=1.0, open_high=True),
+        "normalize_direction": Rule("bool"),
+        "direction_momentum": Rule("float", low=0.0, high=1.0, open_high=True),
+        "min_cos": Rule("float", low=0.0, high=1.0, open_high=True),
+    }
+    DEPRECATED = {"damping": "pair_damping"}
+
+    @options.renames
     def __init__(
         self,
         layout: BlockLayout,
@@ -71,7 +89,7 @@ class MLBFGS(BlockOptimizer):
         history: int = 10,
         period: int = 20,
         beta: float = 0.99,
-        damping: float = 0.01,
+        pair_damping: float = 0.01,
         weight_decay: float = 0.0,
         mode: str = "replicated",
         sigma_l: float = SIGMA_L,
@@ -82,22 +100,11 @@ class MLBFGS(BlockOptimizer):
         direction_momentum: float = 0.9,
         min_cos: float = 0.2,
     ):
+        options.validate(self, locals())
         super().__init__(layout, comm, lr=lr, weight_decay=weight_decay, mode=mode)
-        if int(history) != history or history < 1:
-            raise ValueError(f"history must be a positive integer, got {history}")
-        if int(period) != period or period < 1:
-            raise ValueError(f"period must be a positive integer, got {period}")
-        for name, value in (("beta", beta), ("pair_smoothing", pair_smoothing),
-                            ("direction_momentum", direction_momentum), ("min_cos", min_cos)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if momentum_form not in MOMENTUM_FORMS:
-            raise ValueError(
-                f"momentum_form must be one of {MOMENTUM_FORMS}, got {momentum_form!r}"
-            )
-        damping_tau(0.5, damping, sigma_l, sigma_h)  # validates the damping parameters
         self.history, self.period, self.beta = int(history), int(period), float(beta)
-        self.damping, self.sigma_l, self.sigma_h = float(damping), float(sigma_l), float(sigma_h)
+        self.pair_damping = float(pair_damping)
+        self.sigma_l, self.sigma_h = float(sigma_l), float(sigma_h)
         self.momentum_form = momentum_form
         self.pair_smoothing = float(pair_smoothing)
         self.normalize_direction = bool(normalize_direction)
@@ -149,16 +156,10 @@ class MLBFGS(BlockOptimizer):
             newest = history.order[-1]
             s = (1.0 - c) * s + c * history.vectors[newest]
             y = (1.0 - c) * y + c * history.vectors[history.history + newest]
-        with np.errstate(over="ignore", invalid="ignore"):  # non-finite pairs are skipped
-            ss, sy = float(s @ s), float(s @ y)
-            mu = sy / ss if ss > 0 and math.isfinite(ss) else math.nan
-            tau = damping_tau(mu, self.damping, self.sigma_l, self.sigma_h)
-            y_hat = tau * y + (1.0 - tau) * s
-            s_yhat = float(s @ y_hat)
-            aligned = (not self.min_cos
-                       or sy > self.min_cos * math.sqrt(ss * float(y @ y)))
-        if math.isfinite(s_yhat) and s_yhat > 0.0 and ss > 0.0 and aligned:
-            history.push(s, y_hat)
+        decision = accept_pair(s, y, self.pair_damping, self.sigma_l, self.sigma_h,
+                               self.min_cos)
+        if decision.accepted:
+            history.push(decision.s, decision.y_hat)
             state["npairs"] += 1
         else:
             state["skipped_pairs"] += 1

@@ -18,6 +18,9 @@ One ``step()``:
    (or the eigen form), and the KL clip scales all of them with the current ``lr``;
 4. the first-order optimizer (SGD with momentum by default, as KAISA) steps.
 
+The core's options (``factor_freq``, ``inv_freq``, ``factor_decay``, ``damping``,
+``method``, ``placement``: :class:`hpcqn.optimizers.kfac.KFAC`) are passed through.
+
 Unlike KAISA, ``G`` is built from per-sample output gradients (a mean loss's rows times
 the batch size), so the factors do not depend on the batch size or the rank count.
 """
@@ -30,41 +33,41 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import backend
+from .. import backend, options
+from ..curvature.kfac_factors import kl_clip_scale
 from ..optimizers.kfac import KFAC as CoreKFAC
-from ..optimizers.kfac import kl_clip_scale
+from ..options import Rule
 from ..timing import phase
 from .layerwise import LayerwiseOptimizer
 
 
 class KFAC(LayerwiseOptimizer):
-    kind = "KFAC"
+    """K-FAC for ``model`` (see the module docs); ``**core_options``: those of
+    :class:`hpcqn.optimizers.kfac.KFAC` (``factor_freq``, ``inv_freq``, ``factor_decay``,
+    ``damping``, ``method``, ``placement``)."""
 
+    kind = "KFAC"
+    OPTION_RULES = {"kl_clip": Rule("float", low=0.0)}
+    OPTIONS_FROM = CoreKFAC
+
+    @options.renames
     def __init__(
         self,
         model: nn.Module,
         comm: Any = None,
         optimizer: str | torch.optim.Optimizer = "sgd",
         lr: float = 0.1,
-        inv_freq: int = 10,
-        factor_freq: int = 1,
-        factor_decay: float = 0.95,
-        damping: float = 1e-3,
         kl_clip: float = 1e-3,
-        method: str = "inverse",
-        placement: str = "redundant",
         skip_layers: Iterable[str] = (),
         grad_scaler: Any = None,
         optimizer_options: Mapping[str, Any] | None = None,
+        **core_options: Any,
     ):
-        if not kl_clip >= 0:
-            raise ValueError(f"kl_clip must be >= 0 (0: no clipping), got {kl_clip}")
+        options.validate(self, locals())
         super().__init__(model, comm, optimizer, lr, skip_layers, grad_scaler,
                          optimizer_options)
-        self.core = CoreKFAC(self.capture.shapes, self.comm, factor_freq=factor_freq,
-                             inv_freq=inv_freq, factor_decay=factor_decay, damping=damping,
-                             method=method, placement=placement, dtype=self.np_dtype,
-                             xp=self.xp)
+        self.core = CoreKFAC(self.capture.shapes, self.comm, dtype=self.np_dtype, xp=self.xp,
+                             **core_options)
         self.kl_clip = float(kl_clip)
         self.last_clip = 1.0  # the KL-clip scale of the last step
         self._start()  # step 0 updates the factors and the inverses

@@ -9,17 +9,21 @@ from typing import Any
 
 import torch
 
+from .. import options
+from ..options import Rule
+
 
 class LAMB(torch.optim.Optimizer):
+    OPTION_RULES = {"lr": Rule("float", low=0.0, open_low=True),
+                    "betas": Rule("pair", low=0.0, high=1.0, open_high=True),
+                    "eps": Rule("float", low=0.0, open_low=True),
+                    "weight_decay": Rule("float", low=0.0)}
+    NOT_OPTIONS = ("params",)
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0):
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if not eps > 0 or weight_decay < 0:
-            raise ValueError(f"need eps > 0 and weight_decay >= 0, got {eps}, {weight_decay}")
+        options.validate(self, locals())
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
                                   "weight_decay": weight_decay})
 

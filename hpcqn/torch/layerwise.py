@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import backend
 from ..comm import Communicator, get_comm
+from ..options import Rule
 from ..timing import PhaseTimer, phase
 from .capture import LayerCapture, grad_matrix, set_grad_matrix
 from .data import average_gradients, check_same_parameters
@@ -57,9 +58,16 @@ def first_order(name: str, params: list[torch.Tensor], lr: float,
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base class. Subclasses build ``self.core`` (a
     :class:`hpcqn.optimizers.layerwise.LayerwisePreconditioner`) in ``_build_core`` and
-    implement ``capturing``, ``_update_curvature`` and the ``state_dict`` parts."""
+    implement ``capturing``, ``_update_curvature`` and the ``state_dict`` parts.
+    Subclasses take the core's options as ``**core_options`` (``OPTIONS_FROM = Core``:
+    :func:`hpcqn.options.declared` lists them, and the core checks them)."""
 
     kind = "layerwise"
+    OPTION_RULES = {
+        "optimizer": Rule("str", choices=OPTIMIZERS, python=(torch.optim.Optimizer,)),
+        "lr": Rule("float", low=0.0),
+    }
+    NOT_OPTIONS = ("model", "comm", "skip_layers", "grad_scaler", "optimizer_options")
 
     def __init__(self, model: nn.Module, comm: Any, optimizer: str | torch.optim.Optimizer,
                  lr: float, skip_layers: Iterable[str], grad_scaler: Any,

@@ -5,7 +5,7 @@ inverses (:class:`hpcqn.optimizers.mkor.MKOR`) and hands them to a first-order o
 One ``step()`` (the shared steps are :class:`hpcqn.torch.layerwise.LayerwiseOptimizer`'s):
 
 1. gradients are averaged over the communicator (one allreduce);
-2. on update steps (every ``inv_freq`` steps, starting with the first) the hooks have
+2. on update steps (every ``factor_freq`` steps, starting with the first) the hooks have
    recorded each layer's inputs and output gradients during forward/backward; per layer
    ``a`` = mean input row (entries clamped to ``+-clamp``), ``g`` = mean output-gradient
    row times the batch size (undoing the ``1/B`` of a mean loss) divided by the AMP loss
@@ -19,6 +19,10 @@ One ``step()`` (the shared steps are :class:`hpcqn.torch.layerwise.LayerwiseOpti
 this object. With ``hybrid=True`` (MKOR-H), ``step(loss=...)`` takes the rank's loss; its
 global mean drives :class:`hpcqn.optimizers.mkor.HybridSwitch`, and after the switch the
 steps are plain first-order steps (no hooks, no factor work).
+
+The core's options (``factor_freq``, ``factor_decay``, ``eps_stab``, ``zeta``,
+``placement``, ``factor_dtype``, ``stats_dtype``: :class:`hpcqn.optimizers.mkor.MKOR`;
+``inv_freq`` and ``gam`` are their deprecated names) are passed through.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import backend
+from .. import backend, options
 from ..optimizers.mkor import MKOR as CoreMKOR
 from ..optimizers.mkor import HybridSwitch
+from ..options import Rule
 from ..timing import phase
 from .layerwise import OPTIMIZERS, LayerwiseOptimizer, first_order
 
@@ -39,21 +44,25 @@ __all__ = ["MKOR", "OPTIMIZERS", "first_order"]
 
 
 class MKOR(LayerwiseOptimizer):
-    kind = "MKOR"
+    """MKOR / MKOR-H for ``model`` (see the module docs); ``**core_options``: those of
+    :class:`hpcqn.optimizers.mkor.MKOR`."""
 
+    kind = "MKOR"
+    OPTION_RULES = {
+        "clamp": Rule("float", low=0.0, open_low=True),
+        "hybrid": Rule("bool"),
+        "hybrid_window": HybridSwitch.OPTION_RULES["window"],
+        "hybrid_threshold": HybridSwitch.OPTION_RULES["threshold"],
+    }
+    OPTIONS_FROM = CoreMKOR
+
+    @options.renames
     def __init__(
         self,
         model: nn.Module,
         comm: Any = None,
         optimizer: str | torch.optim.Optimizer = "sgd",
         lr: float = 0.1,
-        inv_freq: int = 10,
-        gam: float = 0.95,
-        eps_stab: float = 2.0,
-        zeta: float = 0.9,
-        placement: str = "redundant",
-        factor_dtype: str | None = None,
-        stats_dtype: str | None = None,
         skip_layers: Iterable[str] = (),
         clamp: float = 100.0,
         grad_scaler: Any = None,
@@ -61,15 +70,13 @@ class MKOR(LayerwiseOptimizer):
         hybrid_window: int = 50,
         hybrid_threshold: float = 0.01,
         optimizer_options: Mapping[str, Any] | None = None,
+        **core_options: Any,
     ):
-        if not clamp > 0:
-            raise ValueError(f"clamp must be positive, got {clamp}")
+        options.validate(self, locals())
         super().__init__(model, comm, optimizer, lr, skip_layers, grad_scaler,
                          optimizer_options)
-        self.core = CoreMKOR(self.capture.shapes, self.comm, inv_freq=inv_freq, gam=gam,
-                             eps_stab=eps_stab, zeta=zeta, placement=placement,
-                             factor_dtype=factor_dtype, stats_dtype=stats_dtype,
-                             dtype=self.np_dtype, xp=self.xp)
+        self.core = CoreMKOR(self.capture.shapes, self.comm, dtype=self.np_dtype, xp=self.xp,
+                             **core_options)
         self.clamp = float(clamp)
         self.switch = HybridSwitch(hybrid_window, hybrid_threshold) if hybrid else None
         self._start()  # step 0 updates the factors

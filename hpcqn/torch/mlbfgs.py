@@ -24,15 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import backend
+from .. import backend, options
 from ..comm import Communicator, get_comm
 from ..layout import BlockLayout
 from ..optimizers.mlbfgs import MLBFGS as CoreMLBFGS
+from ..options import Rule
 from ..timing import PhaseTimer
 from .data import check_same_parameters
 
-CORE_OPTIONS = ("history", "period", "beta", "damping", "sigma_l", "sigma_h", "momentum_form",
-                "pair_smoothing", "normalize_direction", "direction_momentum", "min_cos")
+# What the bridge forwards to the core: every core option but these (lr and weight_decay
+# are the bridge's own, in param_groups; the step is always the replicated one).
+NOT_FORWARDED = ("lr", "weight_decay", "mode")
+CORE_OPTIONS = tuple(name for name in options.declared(CoreMLBFGS)
+                     if name not in NOT_FORWARDED)
 
 
 def layer_blocks(params: Sequence[torch.Tensor], max_block_size: int | None = None) -> list[int]:
@@ -64,13 +68,22 @@ class MLBFGS(torch.optim.Optimizer):
 
     ``blocks``: how many consecutive parameters form each block (a list of counts), or
     None for one block per layer (:func:`layer_blocks`, capped by ``max_block_size``).
-    The other options are those of :class:`hpcqn.MLBFGS`; ``lr`` and ``weight_decay``
-    live in ``param_groups`` (one group), so torch learning-rate schedulers work.
+    The other options are those of :class:`hpcqn.MLBFGS` (all of them but ``mode``:
+    ``OPTIONS_FROM``), ``damping`` the deprecated name of ``pair_damping``; ``lr`` and
+    ``weight_decay`` live in ``param_groups`` (one group), so torch learning-rate
+    schedulers work.
 
     Every rank must build the same model and call ``step()`` once per step with its own
     minibatch gradient; the step averages the gradients over ranks.
     """
 
+    OPTION_RULES = {"lr": Rule("float", low=0.0, open_low=True),
+                    "weight_decay": Rule("float", low=0.0),
+                    "max_block_size": Rule("int", low=1, none=True)}
+    NOT_OPTIONS = ("params", "comm", "blocks", "mode")
+    OPTIONS_FROM = CoreMLBFGS
+
+    @options.renames
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -79,16 +92,15 @@ class MLBFGS(torch.optim.Optimizer):
         lr: float = 0.1,
         weight_decay: float = 0.0,
         max_block_size: int | None = None,
-        **options: Any,
+        **core_options: Any,
     ):
-        unknown = sorted(set(options) - set(CORE_OPTIONS))
-        if unknown:
-            raise TypeError(f"unknown option(s) {unknown}; known: {sorted(CORE_OPTIONS)}")
+        options.validate(self, locals())
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         if len(self.param_groups) != 1:
             raise ValueError("hpcqn.torch.MLBFGS takes one parameter group (pass "
                              "model.parameters()); per-group options are not supported")
         self.comm: Communicator = get_comm(comm)
+        self.max_block_size = max_block_size
         params = [p for p in self.param_groups[0]["params"] if p.requires_grad]
         if not params:
             raise ValueError("no parameter requires a gradient")
@@ -110,7 +122,7 @@ class MLBFGS(torch.optim.Optimizer):
         self._attach([grouped[b] for b in self.block_ids], layout)
         check_same_parameters([self.flat_param], self.comm)
         self.core = CoreMLBFGS(layout, self.comm, lr=lr, weight_decay=weight_decay,
-                               **options)
+                               **core_options)
 
     # -- storage ----------------------------------------------------------------------
     def _attach(self, ordered: list[list[torch.Tensor]], layout: BlockLayout) -> None:
