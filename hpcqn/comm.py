@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,11 +106,34 @@ class Reduced:
 
     def describe(self, name: str, show: Callable[[float], str] = repr) -> str:
         """Which ranks hold which value of ``name``: ``rank 0: 0.1; ranks 1-2: 0.2``."""
-        groups: dict[str, list[int]] = {}
-        for rank, value in enumerate(self.per_rank[name]):
-            groups.setdefault(show(value), []).append(rank)
-        return "; ".join(f"rank{'s' if len(r) > 1 else ''} "
-                         f"{_ranges(r)}: {value}" for value, r in groups.items())
+        return describe_ranks([show(v) for v in self.per_rank[name]])
+
+
+UNSET = object()  # a value not given (shown as such when ranks are compared)
+
+
+def shown(value: Any) -> str:
+    """A value as ranks compare it: its repr (lists as tuples); a callable is "a callable"
+    (its address differs between processes), :data:`UNSET` "not given"."""
+    if value is UNSET:
+        return "not given"
+    if callable(value):
+        return "a callable"
+    return repr(tuple(value) if isinstance(value, list) else value)
+
+
+def fingerprint(value: Any) -> float:
+    """A number for :func:`shown` ``(value)`` (its CRC-32), to compare it across ranks."""
+    return float(zlib.crc32(shown(value).encode()))
+
+
+def describe_ranks(values: Sequence[str]) -> str:
+    """Every rank's value (in rank order) grouped: ``ranks 0, 2: 'a'; rank 1: 'b'``."""
+    groups: dict[str, list[int]] = {}
+    for rank, value in enumerate(values):
+        groups.setdefault(value, []).append(rank)
+    return "; ".join(f"rank{'s' if len(r) > 1 else ''} {_ranges(r)}: {value}"
+                     for value, r in groups.items())
 
 
 def _ranges(ranks: list[int]) -> str:
@@ -491,6 +515,22 @@ class Communicator:
     def barrier(self) -> None:
         if self._parallel:
             self.mpi_comm.Barrier()
+
+    def check_same(self, values: Mapping[str, Any], what: str,
+                   error: BaseException | None = None) -> None:
+        """Raise ``ValueError`` on every rank unless every rank passed the same ``values``
+        (compared by :func:`shown`: a callable is "a callable" everywhere), naming the
+        first key that differs and which ranks hold which value; ``what`` says whose
+        values they are ("hpcqn.torch.MKOR", "the job file"). One small reduction (and,
+        only when they differ, one gather of the shown values); every rank must pass the
+        same keys in the same order. ``error``, this rank's failure, travels with it."""
+        reduced = self.allreduce_named(same={k: fingerprint(v) for k, v in values.items()},
+                                       error=error)
+        if reduced.differ:  # the same table on every rank: all take this branch
+            key = reduced.differ[0]
+            seen = describe_ranks(self.allgather_object(shown(values[key])))
+            raise ValueError(f"{what}: {key} differs between ranks ({seen}); every rank "
+                             f"must use the same")
 
     def abort(self, message: str, code: int = EXIT_FAILED) -> None:
         """End every rank of this communicator now (``MPI_Abort``), after printing

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from .backend import check_float_array, namespace
-from .comm import describe_ranks, get_comm
+from .comm import UNSET, get_comm
 from .layout import BlockLayout
 from .optimizers import registry
 from .options import Option, OptionError, Rule, check
@@ -143,18 +142,10 @@ def minimize_stochastic(
     given = dict(options or {})
     config = {"method": method, "x0 length": getattr(x0, "size", None),
               "blocks": given.get("blocks"),
-              **{f"option {name!r}": given.get(name, _UNSET) for name in _ALL_OPTIONS}}
-    agreed = c.allreduce_named(
-        same={**{key: _fingerprint(value) for key, value in config.items()},
-              "sum of x0": checksum[0], "sum of x0^2": checksum[1]},
-        error=setup_error)
-    differ = [name for name in agreed.differ if name in config]
-    if differ:  # every rank takes this branch: they all see the same table
-        seen = describe_ranks(c.allgather_object(_shown(config[differ[0]])))
-        raise ValueError(
-            f"minimize_stochastic was called with a different {differ[0]} on different "
-            f"ranks ({seen}); every rank must pass the same method, options and x0")
-    if agreed.differ:
+              **{f"option {name!r}": given.get(name, UNSET) for name in _ALL_OPTIONS}}
+    c.check_same(config, "minimize_stochastic", setup_error)
+    reduced = c.allreduce_named(same={"sum of x0": checksum[0], "sum of x0^2": checksum[1]})
+    if reduced.differ:
         raise ValueError("x0 differs between ranks; every rank must start from the same x0")
 
     start = time.perf_counter()
@@ -266,23 +257,7 @@ def minimize_stochastic(
 _END = object()
 
 
-_UNSET = object()
 # Every option name any method or the driver has: a layout of the start's agreement that
 # is the same on every rank whatever each rank was given.
 _ALL_OPTIONS = sorted({*DRIVER_OPTIONS, *(name for method in registry.METHODS
                                          for name in registry.options_of(method))})
-
-
-def _shown(value: Any) -> str:
-    """A configuration value as ranks compare it: its repr (a callable is "a callable",
-    its address is not the same on every rank)."""
-    if callable(value):
-        return "a callable"
-    if value is _UNSET:
-        return "not given"
-    return repr(tuple(value) if isinstance(value, list) else value)
-
-
-def _fingerprint(value: Any) -> float:
-    """A number for a configuration value: the CRC-32 of :func:`_shown`."""
-    return float(zlib.crc32(_shown(value).encode()))

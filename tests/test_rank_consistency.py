@@ -45,7 +45,7 @@ def test_an_option_that_differs_on_one_rank_is_named_on_every_rank(comm, problem
     last = comm.size - 1
     expected = (f"ranks 0-{last - 1}" if last > 1 else "rank 0") + f": {values[0]!r}; " \
         f"rank {last}: {values[1]!r}"
-    with pytest.raises(ValueError, match="different") as info:
+    with pytest.raises(ValueError, match="differs between ranks") as info:
         run(problem, comm, **{name: value})
     assert shown in str(info.value) and expected in str(info.value)
 
