@@ -102,14 +102,13 @@ def measure(model_name: str, job_file: str, hidden: int, method: str, comm: Any,
         digits,
         loss_of,
         make_model,
-        make_optimizer,
     )
-    from hpcqn.torch import average_gradients
+    from hpcqn.torch import average_gradients, methods
     from hpcqn.torch.data import GlobalBatches
 
     data = digits(0)
     model = make_model(model_name, hidden, 0)
-    optimizer = make_optimizer(method, model, comm, options_for(job_file, method))
+    optimizer = methods.make(method, model, comm, options_for(job_file, method))
     own = method in SELF_AVERAGING
     timer = PhaseTimer(comm)
     if own:
@@ -344,7 +343,7 @@ def render(res: BreakdownResults, out: Path, quick: bool = False) -> str:
         "the step (the torch bridge's work before the core step, such as mL-BFGS's "
         "`prepare_step`, MKOR-H's one-number loss allreduce for its switch, and Python "
         "overhead). *Update steps*: the steps that refresh the "
-        "curvature (K-FAC's inversions and MKOR's factor updates every `inv_freq` steps, "
+        "curvature (K-FAC's inversions and MKOR's factor updates every `factor_freq` steps, "
         "mL-BFGS's pair every `period` steps), with their count in the block; bytes are "
         "per rank, from the communicator's counters (on one process they count the "
         "payload handed to collectives that then only copy locally, as mL-BFGS's do).",

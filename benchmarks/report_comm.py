@@ -56,7 +56,7 @@ def build(method: str, model: nn.Module, comm: Communicator) -> torch.optim.Opti
         return MLBFGS(model.parameters(), comm, lr=0.1, history=10, period=PERIOD)
     placement = "owner" if method.endswith("_owner") else "redundant"
     if method.startswith("mkor"):
-        return MKOR(model, comm, optimizer="sgd", lr=0.01, inv_freq=INV_FREQ,
+        return MKOR(model, comm, optimizer="sgd", lr=0.01, factor_freq=INV_FREQ,
                     placement=placement)
     return KFAC(model, comm, optimizer="sgd", lr=0.1, inv_freq=INV_FREQ,
                 factor_freq=FACTOR_FREQ, placement=placement)
@@ -374,7 +374,8 @@ def render(res: CommResults, out: Path, quick: bool) -> str:
         f"inputs split over the ranks. For P = {', '.join(map(str, sorted(res.counted)))} "
         f"every method runs {where} (one thread per rank): {WARMUP} uncounted "
         f"steps, then the communicator's counters (`comm.counters`) are reset and "
-        f"{res.steps} steps counted (a multiple of `inv_freq` {INV_FREQ} and of mL-BFGS's "
+        f"{res.steps} steps counted (a multiple of MKOR's `factor_freq` and K-FAC's "
+        f"`inv_freq` {INV_FREQ} and of mL-BFGS's "
         f"`period` {PERIOD}, so the infrequent collectives appear in their true "
         f"proportion). *Sent* is the payload a rank hands to collectives (`nbytes`, summed "
         f"over the kinds), *received* what it gets back (`nbytes_received`), both per step "
@@ -383,7 +384,7 @@ def render(res: CommResults, out: Path, quick: bool) -> str:
         f"`hpcqn.torch.average_gradients` (one allreduce of the flattened gradients plus a "
         f"flag per tensor); `hpcqn.torch.MLBFGS` (reduce-scatter of the gradient with a "
         f"flag slot per rank, allgatherv of the updated parameters, and a small allgather "
-        f"for the direction's global norm); `hpcqn.torch.MKOR` (inv_freq {INV_FREQ}) and "
+        f"for the direction's global norm); `hpcqn.torch.MKOR` (factor_freq {INV_FREQ}) and "
         f"`hpcqn.torch.KFAC` (factor_freq {FACTOR_FREQ}, inv_freq {INV_FREQ}), each with "
         f"redundant and owner placement (owner: one allgatherv shares the preconditioned "
         f"gradients). On one rank hpcqn skips the gradient reductions (the sums are local) "
@@ -417,7 +418,7 @@ def render(res: CommResults, out: Path, quick: bool) -> str:
         "moves about one gradient (4n bytes) per step per rank, and a ring's wire bytes "
         "approach 2 x 4n for an allreduce. mL-BFGS's reduce-scatter + allgatherv moves "
         "the same wire bytes as SGD's allreduce (2(P-1)/P x 4n), so it adds no volume; "
-        "MKOR adds O(Σ d) numbers every inv_freq steps (negligible), while K-FAC's "
+        "MKOR adds O(Σ d) numbers every factor_freq steps (negligible), while K-FAC's "
         f"factor allreduce is O(Σ d²) every factor step: here {kfac_over_mkor:.0f}x "
         "MKOR's statistics traffic per step, and for this small MLP more than the "
         "gradient itself (MKOR's line lies on SGD's). Owner placement adds an "

@@ -130,7 +130,7 @@ def build_optimizer(method: str, model: nn.Module) -> torch.optim.Optimizer:
         return MLBFGS(model.parameters(), comm, lr=0.1, history=HISTORY, period=1,
                       min_cos=0.0)
     if method == "mkor":
-        return MKOR(model, comm, optimizer="sgd", lr=0.01, inv_freq=INV_FREQ)
+        return MKOR(model, comm, optimizer="sgd", lr=0.01, factor_freq=INV_FREQ)
     if method == "kfac":
         return KFAC(model, comm, optimizer="sgd", lr=0.1, inv_freq=INV_FREQ, factor_freq=1,
                     factor_decay=0.95, damping=1e-3, kl_clip=1e-3, method="inverse",
@@ -345,7 +345,7 @@ def render(res: ScalingResults, out: Path, quick: bool) -> str:
         f"{ROUNDS[quick]} rounds of {STEPS} timed steps ({ONE_ROUND / 1e6:g}M parameters "
         f"and more: 1 round), each `optimizer.step()` "
         f"timed alone with `time.perf_counter` after its forward and backward. "
-        f"{STEPS} is a multiple of MKOR's and K-FAC's `inv_freq` {INV_FREQ} and of "
+        f"{STEPS} is a multiple of MKOR's `factor_freq` and K-FAC's `inv_freq` {INV_FREQ} and of "
         f"mL-BFGS's `period` {PERIOD}, so the timed steps hold the update steps in their "
         f"true share. *Update steps*: the median of MKOR's factor updates, K-FAC's "
         f"inversions, or the steps that form an mL-BFGS pair (their count in brackets); "

@@ -211,8 +211,8 @@ def test_mkor_update_and_precondition():
     rng = np.random.default_rng(7)
     shapes = [(4, 6), (3, 5)]
     comm = hpcqn.serial_comm()
-    runs = [MKOR(shapes, comm, dtype=np.float64, gam=0.7),
-            MKOR(shapes, comm, dtype=np.float64, gam=0.7, xp=xps)]
+    runs = [MKOR(shapes, comm, dtype=np.float64, factor_decay=0.7),
+            MKOR(shapes, comm, dtype=np.float64, factor_decay=0.7, xp=xps)]
     for _ in range(3):
         stats = [(2.0 * rng.standard_normal(i), 2.0 * rng.standard_normal(o)) for o, i in shapes]
         runs[0].update_factors(stats)

@@ -126,7 +126,7 @@ def test_layerwise_cores_on_cupy_equal_numpy(cp, dtype, kind):
     for xp in (np, cp):
         rng = np.random.default_rng(1)
         if kind == "mkor":
-            opt = MKOR(shapes, hpcqn.serial_comm(), gam=0.8, dtype=dtype, xp=xp)
+            opt = MKOR(shapes, hpcqn.serial_comm(), factor_decay=0.8, dtype=dtype, xp=xp)
         else:
             opt = KFAC(shapes, hpcqn.serial_comm(), method=kind.split("-")[1], damping=0.1,
                        dtype=dtype, xp=xp)
@@ -158,7 +158,7 @@ def test_torch_bridge_on_cuda_equals_cpu(method):
         if method == "mlbfgs":
             opt = ht.MLBFGS(model.parameters(), hpcqn.serial_comm(), lr=0.05, period=2)
         elif method == "mkor":
-            opt = ht.MKOR(model, hpcqn.serial_comm(), lr=0.05, inv_freq=2)
+            opt = ht.MKOR(model, hpcqn.serial_comm(), lr=0.05, factor_freq=2)
         else:
             opt = ht.KFAC(model, hpcqn.serial_comm(), lr=0.05, inv_freq=2, damping=0.1)
         for _ in range(6):

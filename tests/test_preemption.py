@@ -31,7 +31,7 @@ from hpcqn.signals import Preempted
 from hpcqn.experiments.training import train
 torch.set_num_threads(1)
 method, directory, out, stop_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-options = {"mlbfgs": {"lr": 0.1, "period": 3}, "mkor": {"lr": 0.05, "inv_freq": 3,
+options = {"mlbfgs": {"lr": 0.1, "period": 3}, "mkor": {"lr": 0.05, "factor_freq": 3,
            "placement": "owner"}, "sgd": {"lr": 0.1, "momentum": 0.9}}[method]
 
 class StopAt:  # as tests/stops.py: SIGUSR1 from the step-th read of signum on

@@ -16,8 +16,8 @@ from hpcqn.signals import Preempted  # noqa: E402
 
 torch.set_num_threads(1)
 SERIAL = hpcqn.serial_comm()
-OPTIONS = {"mlbfgs": {"lr": 0.1, "period": 5}, "mkor": {"lr": 0.05, "inv_freq": 4},
-           "mkor_h": {"lr": 0.05, "inv_freq": 4, "hybrid_window": 5},
+OPTIONS = {"mlbfgs": {"lr": 0.1, "period": 5}, "mkor": {"lr": 0.05, "factor_freq": 4},
+           "mkor_h": {"lr": 0.05, "factor_freq": 4, "hybrid_window": 5},
            "kfac": {"lr": 0.05, "inv_freq": 4, "damping": 0.1, "placement": "owner"},
            "sgd": {"lr": 0.1, "momentum": 0.9}, "adam": {"lr": 0.01}}
 

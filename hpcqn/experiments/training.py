@@ -19,16 +19,15 @@ from torch import nn
 
 from ..comm import Communicator
 from ..device import bind
+from ..options import check
 from ..run import NOTHING_AGREED, CheckpointPolicy, Driver, skip_done
 from ..signals import StopFlag
+from ..torch import methods
 from ..torch.data import GlobalBatches, average_gradients, broadcast_parameters
-from ..torch.kfac import KFAC
-from ..torch.mkor import MKOR
-from ..torch.mlbfgs import MLBFGS
 
 MODELS = ("mlp", "cnn", "autoencoder")
 DEVICES = ("cpu", "cuda", "auto")
-METHODS = ("mlbfgs", "mkor", "mkor_h", "kfac", "sgd", "adam")
+METHODS = methods.METHODS
 # These average (or reduce-scatter) the gradients inside their step.
 SELF_AVERAGING = ("mlbfgs", "mkor", "mkor_h", "kfac")
 
@@ -67,24 +66,6 @@ def make_model(name: str, hidden: int = 128, seed: int = 0,
     else:
         raise ValueError(f"unknown model {name!r}; known: {MODELS}")
     return model.to(dtype)
-
-
-def make_optimizer(method: str, model: nn.Module, comm: Communicator,
-                   options: Mapping[str, Any]) -> torch.optim.Optimizer:
-    options = dict(options)
-    if method == "mlbfgs":
-        return MLBFGS(model.parameters(), comm, **options)
-    if method in ("mkor", "mkor_h"):
-        return MKOR(model, comm, hybrid=method == "mkor_h", **options)
-    if method == "kfac":
-        return KFAC(model, comm, **options)
-    if method == "sgd":
-        return torch.optim.SGD(model.parameters(), **options)
-    if method == "adam":
-        if "betas" in options:
-            options["betas"] = tuple(options["betas"])
-        return torch.optim.Adam(model.parameters(), **options)
-    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
 
 
 def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reconstruct: bool) -> Any:
@@ -174,7 +155,10 @@ def train(
     ``device`` ("cpu", "cuda", "auto"; see :func:`select_device`) holds the model, the
     data and the optimizer state; it is not part of the configuration, so a run saved on
     one kind of device resumes on the other."""
-    config = {"method": method, "model": model_name, "options": dict(options or {}),
+    # Options as the method declares them (old names renamed), so a run resumes whichever
+    # name the job file used.
+    config = {"method": method, "model": model_name,
+              "options": check(methods.options_of(method), dict(options or {}), method),
               "epochs": int(epochs), "batch_size": int(batch_size), "seed": int(seed),
               "dtype": str(dtype), "lr_schedule": lr_schedule, "hidden": int(hidden)}
     where = select_device(device, comm)
@@ -184,7 +168,7 @@ def train(
         print(f"{method:7s} on {where} (rank 0; each rank uses its own local device)",
               flush=True)
     broadcast_parameters(model, comm)
-    optimizer = make_optimizer(method, model, comm, options or {})
+    optimizer = methods.make(method, model, comm, options or {})
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
                  if lr_schedule == "cosine" else None)
     batches = GlobalBatches(data["train_y"].numel(), batch_size, comm, seed=seed)
