@@ -1,4 +1,4 @@
-"""Distributed deterministic L-BFGS for objective callbacks (ALGORITHMS.md section 3).
+"""Distributed deterministic L-BFGS for objective callbacks (docs/algorithms.md, section 1).
 
 The unknown is distributed by slices (each rank owns one, possibly empty). Per
 iteration: the direction comes from the two-loop recursion on the Gram matrix
