@@ -9,6 +9,8 @@ a SciPy custom method: ``scipy.optimize.minimize(fun, x0, jac=True, method=hpcqn
 from __future__ import annotations
 
 import inspect
+import math
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from scipy.optimize import OptimizeResult
 from . import backend
 from .comm import get_comm, serial_comm
 from .layout import gather_global
-from .optimizers.lbfgs import CALLBACK_STOP, LBFGS, LBFGSOptions
+from .optimizers.lbfgs import CALLBACK_STOP, LBFGS, FunctionError, LBFGSOptions
 from .options import check, declared
 from .run import CheckpointPolicy, Driver
 
@@ -74,6 +76,15 @@ def minimize(
     (reductions this call made), ``comm_bytes``, ``nreset``, ``npairs_skipped``,
     ``seconds`` and, with ``gather_x``, ``x_global``.
     """
+    return _minimize(fun, x0, comm, method, options, callback, checkpoint_dir,
+                     checkpoint_every, stop, resume, keep)[0]
+
+
+def _minimize(fun: Callable[[Any], tuple[Any, Any]], x0: Any, comm: Any, method: str,
+              options: Mapping[str, Any] | None, callback: Callable[..., Any] | None,
+              checkpoint_dir: str | Path | None, checkpoint_every: int, stop: Any,
+              resume: bool, keep: int) -> tuple[OptimizeResult, LBFGS]:
+    """:func:`minimize`, also returning the solver (its history makes SciPy's hess_inv)."""
     c = get_comm(comm)
     bytes_before = sum(counter.nbytes for counter in c.counters.values())
     try:
@@ -127,7 +138,7 @@ def minimize(
             f"{out.seconds:.3f} s on {c.size} rank(s)",
             flush=True,
         )
-    return result
+    return result, solver
 
 
 def _scipy_style(
@@ -151,6 +162,14 @@ def _scipy_style(
     return call
 
 
+# SciPy L-BFGS-B's option names that mean the same here, and those accepted for
+# compatibility with no effect (SciPy 1.17 deprecates disp and iprint and prints nothing;
+# the evaluations here are serial, so workers has nothing to spread).
+_SCIPY_NAMES = {"maxcor": "history"}
+_SCIPY_IGNORED = ("iprint", "workers", "return_all")
+_FD_METHODS = ("2-point", "3-point", "cs")
+
+
 def scipy_lbfgs(
     fun: Callable[..., Any],
     x0: Any,
@@ -162,30 +181,127 @@ def scipy_lbfgs(
     **options: Any,
 ) -> OptimizeResult:
     """hpcqn's L-BFGS as a SciPy custom method (serial; no MPI):
-    ``scipy.optimize.minimize(fun, x0, jac=True, method=hpcqn.scipy_lbfgs, options=...)``.
+    ``scipy.optimize.minimize(fun, x0, method=hpcqn.scipy_lbfgs, options=...)``, with
+    L-BFGS-B's conventions:
 
-    SciPy's ``tol`` maps to ``gtol``; ``hess``/``hessp`` are ignored, and bounds or
-    constraints are refused (this is an unconstrained method).
+    - ``jac``: a callable, ``True`` (``fun`` returns ``(f, g)``), or ``None`` / ``False`` /
+      ``"2-point"`` / ``"3-point"`` / ``"cs"``: the gradient by finite differences through
+      :func:`scipy.optimize.approx_fprime` with L-BFGS-B's absolute step ``eps`` (or
+      ``finite_diff_rel_step * max(1, |x|)``); ``"3-point"`` and ``"cs"`` take central
+      differences (the mean of a forward and a backward difference).
+    - options: ``maxcor`` (= ``history``), ``ftol``, ``gtol``, ``eps``, ``maxfun``,
+      ``maxiter`` (``np.inf`` means no limit; a fraction rounds up, as L-BFGS-B counts),
+      ``maxls``, ``finite_diff_rel_step``; ``disp``, ``iprint``, ``workers`` and
+      ``return_all`` are accepted and do nothing; hpcqn's own options too. SciPy's
+      ``tol`` sets ``ftol`` and ``gtol``, as for L-BFGS-B.
+    - ``f`` may be a size-1 array and ``jac`` any array-like; ``fun`` sees a copy of the
+      iterate (it may overwrite it); ``x`` and ``jac`` come back as float64; a non-finite
+      value at ``x0`` gives a failed result (``success=False``, status 2), not an error.
+    - ``res.hess_inv`` is a :class:`scipy.optimize.LbfgsInvHessProduct` of the kept pairs.
+    - ``bounds``: ``None``, or bounds that bound nothing (``Bounds(-inf, inf)``, pairs of
+      ``None``); real bounds are refused (an unconstrained method). Constraints are
+      refused; ``hess``/``hessp`` are ignored.
     """
+    import numpy as np
+    from scipy.optimize import LbfgsInvHessProduct, approx_fprime
+
+    options = dict(options)
     options.pop("hess", None)
     options.pop("hessp", None)
-    if bounds is not None or (constraints is not None and len(constraints)):
-        raise ValueError(
-            "hpcqn's L-BFGS is unconstrained; bounds and constraints are not supported"
-        )
+    if constraints is not None and len(constraints):
+        raise ValueError("hpcqn's L-BFGS is unconstrained; constraints are not supported")
+    x0 = np.asarray(x0, dtype=np.float64).ravel().copy()
+    if not _no_bounds(bounds, x0.size):
+        raise ValueError("hpcqn's L-BFGS is unconstrained: bounds that bound something are "
+                         "not supported yet (use scipy's L-BFGS-B)")
     tol = options.pop("tol", None)
     if tol is not None:
         options.setdefault("gtol", tol)
+        options.setdefault("ftol", tol)
+    for scipy_name, name in _SCIPY_NAMES.items():
+        if scipy_name in options:
+            options[name] = options.pop(scipy_name)
+    for name in _SCIPY_IGNORED:
+        options.pop(name, None)
+    if "disp" in options and (options["disp"] is None or isinstance(options["disp"], bool)):
+        options.pop("disp")  # SciPy's no-op disp; an integer is hpcqn's progress interval
+    for name in ("maxiter", "maxfun"):
+        if name in options:
+            limit = options[name]
+            if isinstance(limit, (int, float, np.number)) and not isinstance(limit, bool):
+                options[name] = sys.maxsize if math.isinf(limit) else int(math.ceil(limit))
+    eps = options.pop("eps", 1e-8)
+    rel_step = options.pop("finite_diff_rel_step", None)
+
+    def value(x: Any) -> float:
+        f = np.asarray(fun(x.copy(), *args), dtype=np.float64)
+        if f.size != 1:
+            raise FunctionError(f"fun must return a scalar (or a size-1 array), got shape "
+                                f"{f.shape}")
+        return float(f.reshape(()))
+
+    def grad_of(x: Any, g: Any) -> Any:
+        return np.asarray(g, dtype=np.float64).reshape(x.shape)
+
     if callable(jac):
 
         def fun_and_grad(x: Any) -> tuple[Any, Any]:
-            return fun(x, *args), jac(x, *args)
+            return value(x), grad_of(x, jac(x.copy(), *args))
 
     elif jac is True:
 
         def fun_and_grad(x: Any) -> tuple[Any, Any]:
-            return fun(x, *args)
+            f, g = fun(x.copy(), *args)
+            f = np.asarray(f, dtype=np.float64)
+            if f.size != 1:
+                raise FunctionError(f"fun must return a scalar f, got shape {f.shape}")
+            return float(f.reshape(())), grad_of(x, g)
+
+    elif jac in (None, False) or jac in _FD_METHODS:
+        central = jac in ("3-point", "cs")
+
+        def fun_and_grad(x: Any) -> tuple[Any, Any]:
+            h = eps if rel_step is None else rel_step * np.maximum(1.0, np.abs(x))
+            f = value(x)
+            g = approx_fprime(x, value, h)
+            if central:
+                g = 0.5 * (g + approx_fprime(x, value, -h))
+            return f, g
 
     else:
-        raise ValueError("hpcqn's L-BFGS needs the gradient: pass jac=True or a jac callable")
-    return minimize(fun_and_grad, x0, comm=serial_comm(), options=options, callback=callback)
+        raise ValueError(f"jac must be a callable, True, None, False or one of {_FD_METHODS}, "
+                         f"got {jac!r}")
+    try:
+        result, solver = _minimize(fun_and_grad, x0, serial_comm(), "lbfgs", options,
+                                   callback, None, 0, None, True, 2)
+    except FunctionError as exc:
+        if "non-finite value at x0" not in str(exc):
+            raise
+        return OptimizeResult(x=x0, fun=math.nan, jac=np.full_like(x0, math.nan), nit=0,
+                              nfev=1, njev=1, status=2, success=False,
+                              message=f"ABNORMAL: {exc}")
+    history = solver.history
+    pairs = [(history.vectors[2 * slot], history.vectors[2 * slot + 1])
+             for slot in history.order]
+    s = np.array([p[0] for p in pairs]).reshape(len(pairs), x0.size)
+    y = np.array([p[1] for p in pairs]).reshape(len(pairs), x0.size)
+    result.hess_inv = LbfgsInvHessProduct(s, y)
+    return result
+
+
+def _no_bounds(bounds: Any, n: int) -> bool:
+    """Whether SciPy-style ``bounds`` (None, a ``Bounds``, or (lo, hi) pairs) bound
+    nothing."""
+    import numpy as np
+
+    if bounds is None:
+        return True
+    if hasattr(bounds, "lb") and hasattr(bounds, "ub"):
+        lo, hi = bounds.lb, bounds.ub
+    else:
+        pairs = list(bounds)
+        lo = [-math.inf if p[0] is None else p[0] for p in pairs]
+        hi = [math.inf if p[1] is None else p[1] for p in pairs]
+    lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), (n,))
+    hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), (n,))
+    return bool(np.all(np.isneginf(lo)) and np.all(np.isposinf(hi)))

@@ -302,7 +302,7 @@ class LBFGS:
             if self.nfev >= opt.maxfun:
                 self.stop(LIMIT, "STOP: TOTAL NO. OF F,G EVALUATIONS EXCEEDS LIMIT")
             elif self._failures >= 2 or not len(history):
-                self.stop(LINESEARCH_FAILED, f"ABNORMAL_TERMINATION_IN_LNSRCH: {search.message}")
+                self.stop(LINESEARCH_FAILED, f"ABNORMAL: LINE SEARCH FAILED: {search.message}")
             else:
                 history.reset()
                 self.nreset += 1
@@ -353,7 +353,7 @@ class LBFGS:
         if gnorm <= opt.gttol * g0norm:
             return SUCCESS, "CONVERGENCE: ||g|| / ||g0|| <= gttol"
         if f_prev is not None and (f_prev - f) <= opt.ftol * max(abs(f_prev), abs(f), 1.0):
-            return SUCCESS, "CONVERGENCE: REL_REDUCTION_OF_F <= FACTR*EPSMCH"
+            return SUCCESS, "CONVERGENCE: RELATIVE REDUCTION OF F <= FACTR*EPSMCH"
         if nit >= opt.maxiter:
             return LIMIT, "STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT"
         if self.nfev >= opt.maxfun:

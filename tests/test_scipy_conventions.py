@@ -1,0 +1,154 @@
+"""``hpcqn.scipy_lbfgs`` as a drop-in for ``scipy.optimize.minimize(method="L-BFGS-B")``:
+the conventions SciPy's own L-BFGS-B tests (scipy/optimize/tests/test_optimize.py) rely
+on, each checked against SciPy's L-BFGS-B on the same problem."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.optimize as so
+
+import hpcqn
+
+X0 = np.array([-1.2, 1.0, -1.2, 1.0, 0.5])
+MESSAGES = {"CONVERGENCE: NORM OF PROJECTED GRADIENT <= PGTOL",
+            "CONVERGENCE: RELATIVE REDUCTION OF F <= FACTR*EPSMCH"}
+
+
+def ours(fun, x0=X0, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # hpcqn itself warns of nothing here
+        return so.minimize(fun, x0, method=hpcqn.scipy_lbfgs, **kwargs)
+
+
+def scipys(fun, x0=X0, **kwargs):
+    return so.minimize(fun, x0, method="L-BFGS-B", **kwargs)
+
+
+@pytest.mark.parametrize("jac", [None, False, "2-point", "3-point", "cs"])
+def test_gradient_by_finite_differences_as_scipy(jac):
+    """SciPy's default (jac=None) and its finite-difference names."""
+    res = ours(so.rosen, jac=jac, options={"gtol": 1e-6})
+    ref = scipys(so.rosen, jac=so.rosen_der, options={"gtol": 1e-6})
+    assert res.success and res.message in MESSAGES
+    np.testing.assert_allclose(res.x, ref.x, atol=1e-4)
+    # The finite-difference gradient at the end is SciPy's own approx_fprime's.
+    np.testing.assert_allclose(res.jac, so.approx_fprime(res.x, so.rosen, 1e-8), atol=1e-5)
+
+
+def test_finite_difference_step_options():
+    forward = ours(so.rosen, options={"eps": 1e-7, "gtol": 1e-6})
+    relative = ours(so.rosen, options={"finite_diff_rel_step": 1e-7, "gtol": 1e-6})
+    for res in (forward, relative):
+        np.testing.assert_allclose(res.x, np.ones(5), atol=1e-3)
+
+
+@pytest.mark.parametrize("options", [
+    {"maxcor": 5}, {"disp": True}, {"disp": None}, {"iprint": -1}, {"workers": map},
+    {"return_all": True}, {"maxiter": np.inf}, {"maxfun": np.inf}, {"maxiter": 1000.5},
+])
+def test_l_bfgs_b_option_names_are_taken(options):
+    res = ours(so.rosen, jac=so.rosen_der, options=options)
+    assert res.success
+    np.testing.assert_allclose(res.x, np.ones(5), atol=1e-4)
+
+
+def test_maxcor_is_the_history_length():
+    a = ours(so.rosen, jac=so.rosen_der, options={"maxcor": 3})
+    b = ours(so.rosen, jac=so.rosen_der, options={"history": 3})
+    assert a.nit == b.nit and np.array_equal(a.x, b.x)
+    assert a.hess_inv.sk.shape[0] <= 3
+
+
+def test_iteration_limit_as_scipy():
+    res = ours(so.rosen, jac=so.rosen_der, options={"maxiter": 3})
+    ref = scipys(so.rosen, jac=so.rosen_der, options={"maxiter": 3})
+    assert (res.nit, res.status, res.message) == (ref.nit, ref.status, ref.message) == (
+        3, 1, "STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT")
+    # A fraction rounds up, as L-BFGS-B counts (it stops once nit >= maxiter).
+    assert ours(so.rosen, jac=so.rosen_der, options={"maxiter": 2.5}).nit == 3
+
+
+def test_size_one_array_f_and_list_jac():
+    res = ours(lambda x: (np.array([so.rosen(x)]), list(so.rosen_der(x))), jac=True)
+    ref = scipys(so.rosen, jac=so.rosen_der)
+    assert res.success
+    np.testing.assert_allclose(res.x, ref.x, atol=1e-5)
+    assert isinstance(res.fun, float)
+
+
+def test_nan_at_x0_is_a_failed_result_not_an_error():
+    res = ours(lambda x: (math.nan, np.ones_like(x)), jac=True)
+    assert not res.success and res.status == 2 and res.nit == 0
+    assert res.message.startswith("ABNORMAL") and "non-finite" in res.message
+
+
+def test_fun_may_overwrite_its_argument():
+    def clobbering(x):
+        f, g = so.rosen(x), so.rosen_der(x)
+        x[:] = 1e6  # SciPy passes a copy: this must not move the iterate
+        return f, g
+
+    res = ours(clobbering, jac=True)
+    ref = ours(lambda x: (so.rosen(x), so.rosen_der(x)), jac=True)
+    np.testing.assert_array_equal(res.x, ref.x)
+
+
+def test_hess_inv_is_an_lbfgs_operator_that_fits_the_curvature():
+    """On a quadratic with Hessian A, the operator satisfies the newest secant equation
+    exactly and approximates A^-1 once the history spans the space."""
+    a = np.diag([1.0, 3.0, 10.0, 30.0])
+
+    def quadratic(x):
+        return 0.5 * x @ a @ x, a @ x
+
+    res = ours(quadratic, x0=np.ones(4), jac=True, options={"gtol": 1e-12, "ftol": 0})
+    assert isinstance(res.hess_inv, so.LbfgsInvHessProduct)
+    assert res.hess_inv.shape == (4, 4)
+    s, y = res.hess_inv.sk[-1], res.hess_inv.yk[-1]
+    np.testing.assert_allclose(res.hess_inv.dot(y), s, rtol=1e-10)
+    ref = scipys(quadratic, x0=np.ones(4), jac=True, options={"gtol": 1e-12, "ftol": 0})
+    inverse = np.linalg.inv(a)
+    ours_error = np.abs(res.hess_inv.todense() - inverse).max()
+    scipy_error = np.abs(ref.hess_inv.todense() - inverse).max()
+    assert ours_error <= max(10 * scipy_error, 0.05)
+
+
+def test_tol_sets_ftol_and_gtol_as_for_l_bfgs_b():
+    by_tol = ours(so.rosen, jac=so.rosen_der, tol=1e-3)
+    by_options = ours(so.rosen, jac=so.rosen_der, options={"ftol": 1e-3, "gtol": 1e-3})
+    assert by_tol.nit == by_options.nit and np.array_equal(by_tol.x, by_options.x)
+    default = ours(so.rosen, jac=so.rosen_der, options={"gtol": 1e-3})
+    assert by_tol.nit < default.nit  # ftol 1e-3 stops earlier than the default 2.2e-9
+
+
+def test_float32_x0_comes_back_float64():
+    res = ours(so.rosen, x0=X0.astype(np.float32), jac=so.rosen_der)
+    ref = scipys(so.rosen, x0=X0.astype(np.float32), jac=so.rosen_der)
+    assert res.x.dtype == ref.x.dtype == np.float64
+    assert res.jac.dtype == np.float64
+
+
+@pytest.mark.parametrize("bounds", [None, so.Bounds(-np.inf, np.inf), [(None, None)] * 5,
+                                    [(-np.inf, np.inf)] * 5])
+def test_bounds_that_bound_nothing_are_accepted(bounds):
+    res = ours(so.rosen, jac=so.rosen_der, bounds=bounds)
+    free = ours(so.rosen, jac=so.rosen_der)
+    np.testing.assert_array_equal(res.x, free.x)
+
+
+def test_real_bounds_are_refused_by_name():
+    with pytest.raises(ValueError, match="bounds"):
+        ours(so.rosen, jac=so.rosen_der, bounds=[(0, 1)] * 5)
+    with pytest.raises(ValueError, match="bounds"):
+        ours(so.rosen, jac=so.rosen_der, bounds=so.Bounds(0.0, np.inf))
+
+
+def test_stop_messages_are_spelled_as_scipy_1_17():
+    res = ours(so.rosen, jac=so.rosen_der)
+    assert res.message in MESSAGES
+    ref = scipys(so.rosen, jac=so.rosen_der)
+    assert ref.message in MESSAGES  # the set is SciPy's own spelling
