@@ -274,3 +274,46 @@ def test_forward_without_backward_leaves_no_rows():
     layer(x).sum().backward()
     (_, count, _), = opt._statistics()
     assert count == 4
+
+
+@pytest.mark.parametrize("kind", ["mkor", "kfac"])
+def test_a_nan_gradient_skips_the_step_and_the_count_survives_a_round_trip(kind):
+    """A NaN gradient: nothing moves (parameters, momentum, factors, the step counter),
+    ``skipped_steps`` counts it and travels in the state_dict."""
+    model = make_model("mlp", hidden=8, dtype=torch.float64)
+    make = ht.MKOR if kind == "mkor" else ht.KFAC
+    opt = make(model, SERIAL, lr=0.1, factor_freq=1)
+    data = digits(dtype=torch.float64)
+    for t in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(data["train_x"][:16]),
+                                          data["train_y"][:16]).backward()
+        if t == 2:
+            before = copy.deepcopy(opt.state_dict())
+            weights = [p.detach().clone() for p in model.parameters()]
+            next(model.parameters()).grad[0, 0] = float("nan")
+        opt.step()
+    assert opt.skipped_steps == opt.core.skipped_steps == 1 and opt.steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    after = opt.state_dict()
+    assert after["hpcqn"]["skipped_steps"] == 1
+    for key in ("inner", "hpcqn"):
+        before_flat = {k: v for k, v in before[key].items() if k != "skipped_steps"}
+        after_flat = {k: v for k, v in after[key].items() if k != "skipped_steps"}
+        assert repr(before_flat) == repr(after_flat)
+    fresh = make(make_model("mlp", hidden=8, dtype=torch.float64), SERIAL, lr=0.1,
+                 factor_freq=1)
+    fresh.load_state_dict(after)
+    assert fresh.skipped_steps == 1
+
+
+def test_the_hybrid_switch_leaves_non_finite_losses_out_of_its_window():
+    from hpcqn.optimizers.mkor import HybridSwitch
+
+    switch, reference = HybridSwitch(2, 0.5), HybridSwitch(2, 0.5)
+    for loss in (1.0, 0.9, float("nan"), 0.8, float("inf"), 0.7):
+        switch.observe(loss)
+    for loss in (1.0, 0.9, 0.8, 0.7):
+        reference.observe(loss)
+    assert switch.losses == reference.losses and switch.skipped_losses == 2
+    assert switch.steps == 6 and switch.last_decrease == reference.last_decrease

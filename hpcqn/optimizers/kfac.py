@@ -174,7 +174,7 @@ class KFAC(LayerwisePreconditioner):
         """Counters and this rank's factors and inverses by layer id."""
         return {
             "factor_updates": self.factor_updates, "inverse_updates": self.inverse_updates,
-            "missing": dict(self.missing),
+            "skipped_steps": self.skipped_steps, "missing": dict(self.missing),
             "factors": {k: {**self.factors[k],
                             **{f"inv_{key}": v for key, v in self.inverses.get(k, {}).items()}}
                         for k in self.kept},
@@ -208,4 +208,5 @@ class KFAC(LayerwisePreconditioner):
         self.factors, self.inverses = self._load_collectively(state, build)
         self.factor_updates = int(state["factor_updates"])
         self.inverse_updates = int(state["inverse_updates"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.missing = {int(k): int(v) for k, v in state["missing"].items()}

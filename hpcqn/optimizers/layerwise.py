@@ -8,6 +8,12 @@ statistics, and preconditioning with an allgather of the owners' results.
 - ``placement="owner"``: each layer has an owner (greedy by the subclass's cost per
   layer); only the owner keeps its state and preconditions its gradient, and ONE
   allgatherv shares the preconditioned gradients. Memory per rank falls as ``1/P``.
+
+Non-finite values: a layer whose reduced statistics are not finite is listed in
+``nonfinite_layers`` after :meth:`LayerwisePreconditioner._allreduce_stats` (the same list
+on every rank: it is read from the reduced sums), and a driver that skips such a step
+(the torch front ends skip it whole, as they skip one with a non-finite gradient) counts
+it in ``skipped_steps``.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class LayerwisePreconditioner:
         # Preconditioned gradients in rank-major order for the owner-mode allgatherv.
         self.layout = BlockLayout(tuple(o * i for o, i in self.shapes), self.owners,
                                   self.comm.size)
+        self.skipped_steps = 0  # steps skipped (non-finite gradients or statistics)
+        self.nonfinite_layers: list[int] = []  # of the last statistics reduction
 
     # -- statistics ----------------------------------------------------------------------
     def _allreduce_stats(self, stats: Sequence[Stats | None], widths: Sequence[tuple[int, int]],
@@ -93,11 +101,14 @@ class LayerwisePreconditioner:
         total = total.astype(self.dtype)
         counts = to_host(total[scalars:]).astype(np.float64).reshape(nl, SCALARS)
         result: list[Reduced | None] = []
+        self.nonfinite_layers = []
         position = 0
         for k, (nx, ny) in enumerate(widths):
             count, ranks, batch = counts[k]
             x, y = total[position : position + nx], total[position + nx : position + nx + ny]
             finite = bool(xp.isfinite(x).all()) and bool(xp.isfinite(y).all())
+            if ranks > 0 and not finite:
+                self.nonfinite_layers.append(k)
             result.append((x, count, y, ranks, batch) if ranks > 0 and count > 0 and finite
                           else None)
             position += nx + ny

@@ -137,6 +137,7 @@ class MKOR(LayerwisePreconditioner):
         """Counters and this rank's factors by layer id (plain arrays and numbers)."""
         return {
             "updates": self.updates,
+            "skipped_steps": self.skipped_steps,
             "missing": dict(self.missing),
             "factors": {k: {"L": linv.state_dict(), "R": rinv.state_dict()}
                         for k, (linv, rinv) in self.factors.items()},
@@ -154,6 +155,7 @@ class MKOR(LayerwisePreconditioner):
 
         self.factors = self._load_collectively(state, build)
         self.updates = int(state["updates"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.missing = {int(k): int(v) for k, v in state["missing"].items()}
 
 
@@ -174,15 +176,22 @@ class HybridSwitch:
         self.steps = 0
         self.switched_at: int | None = None
         self.last_decrease = math.nan
+        self.skipped_losses = 0  # non-finite losses left out of the window
 
     @property
     def switched(self) -> bool:
         return self.switched_at is not None
 
     def observe(self, loss: float) -> bool:
-        """Record one step's global loss; True exactly at the step that switches."""
+        """Record one step's global loss; True exactly at the step that switches. A
+        non-finite loss counts the step but stays out of the window (one blown-up batch
+        must not hold the switch off, or trigger it, for ``2 window`` steps): it is
+        counted in ``skipped_losses``."""
         self.steps += 1
         if self.switched:
+            return False
+        if not math.isfinite(loss):
+            self.skipped_losses += 1
             return False
         self.losses = (self.losses + [float(loss)])[-2 * self.window :]
         if len(self.losses) < 2 * self.window:
@@ -190,7 +199,7 @@ class HybridSwitch:
         previous = sum(self.losses[: self.window]) / self.window
         last = sum(self.losses[self.window :]) / self.window
         self.last_decrease = (previous - last) / abs(previous) if previous else 0.0
-        if self.last_decrease < self.threshold:  # NaN (a blown-up loss) never switches
+        if self.last_decrease < self.threshold:  # NaN (never with finite losses) does not
             self.switched_at = self.steps
             return True
         return False

@@ -4,6 +4,7 @@ helpers over MPI (no ``torch.distributed``)."""
 
 from .data import (
     GlobalBatches,
+    NonFiniteParameterError,
     average_gradients,
     broadcast_parameters,
     check_same_parameters,
@@ -14,5 +15,6 @@ from .lamb import LAMB
 from .mkor import MKOR
 from .mlbfgs import MLBFGS, layer_blocks
 
-__all__ = ["KFAC", "LAMB", "MKOR", "MLBFGS", "GlobalBatches", "average_gradients",
-           "broadcast_parameters", "check_same_parameters", "layer_blocks", "shard"]
+__all__ = ["KFAC", "LAMB", "MKOR", "MLBFGS", "GlobalBatches", "NonFiniteParameterError",
+           "average_gradients", "broadcast_parameters", "check_same_parameters",
+           "layer_blocks", "shard"]

@@ -5,58 +5,155 @@ are trained like for like with :class:`hpcqn.torch.MLBFGS`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from .. import backend
-from ..comm import get_comm
+from ..comm import Communicator, describe_ranks, fingerprint, get_comm, mark_agreed, shown
+
+
+class NonFiniteParameterError(FloatingPointError, ValueError):
+    """A parameter holds NaN or Inf on some rank (raised on every rank, naming it)."""
 
 
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [t for t in list(module.parameters()) + list(module.buffers()) if t.numel()]
 
 
+def model_description(tensors: Sequence[torch.Tensor], what: str = "parameter"
+                      ) -> dict[str, Any]:
+    """What must agree between ranks about a model: the number of tensors and each one's
+    shape and dtype, in order (``"parameter count"``, ``"parameter 3 shape"``, ...)."""
+    out: dict[str, Any] = {f"{what} count": len(tensors)}
+    for i, t in enumerate(tensors):
+        out[f"{what} {i} shape"] = tuple(int(n) for n in t.shape)
+        out[f"{what} {i} dtype"] = str(t.dtype).removeprefix("torch.")
+    return out
+
+
+def _first_difference(c: Communicator, values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first key whose value differs between ranks (keys in rank order of first
+    appearance; a key a rank lacks is "absent" there) and which ranks hold which value,
+    from one gather of every rank's shown values; None when all agree."""
+    everyone = c.allgather_object({k: shown(v) for k, v in values.items()})
+    for key in dict.fromkeys(k for d in everyone for k in d):
+        seen = [d.get(key, "absent") for d in everyone]
+        if len(set(seen)) > 1:
+            return key, describe_ranks(seen)
+    return None
+
+
+def agree(c: Communicator, groups: Mapping[str, Mapping[str, Any]], what: str,
+          numbers: Mapping[str, float] | None = None) -> None:
+    """Raise ``ValueError`` on every rank unless every rank holds the same values:
+    ``groups`` maps a group name ("options", "model") to its values (any number of
+    keys, possibly different key sets on different ranks: each group travels as ONE
+    fingerprint), ``numbers`` are compared as they are. One small reduction of
+    ``len(groups) + len(numbers)`` numbers; only when a group differs, one gather of its
+    shown values names the first key that differs and which ranks hold which value."""
+    numbers = dict(numbers or {})
+    same = {f"group {name}": fingerprint(tuple((k, shown(v)) for k, v in values.items()))
+            for name, values in groups.items()}
+    reduced = c.allreduce_named(same={**same, **numbers})
+    differ = reduced.differ  # the same table on every rank: all take the same branch
+    for name, values in groups.items():
+        if f"group {name}" in differ:
+            found = _first_difference(c, values)
+            key, seen = found if found is not None else (name, reduced.describe(
+                f"group {name}"))
+            raise mark_agreed(ValueError(f"{what}: {key} differs between ranks ({seen}); "
+                                         f"every rank must use the same"))
+    if differ:
+        raise mark_agreed(ValueError(
+            f"{what}: the model's parameters differ between ranks; build it from one seed "
+            f"or call hpcqn.torch.broadcast_parameters(model) before creating the optimizer"))
+
+
+@torch.no_grad()
+def check_finite_parameters(named: Sequence[tuple[str, torch.Tensor]], comm: Any, what: str
+                            ) -> None:
+    """Raise :class:`NonFiniteParameterError` on every rank if any rank's parameters
+    hold NaN or Inf, naming the first such parameter on each such rank (one small
+    reduction; called only after a step was skipped for a non-finite gradient, the usual
+    symptom of a non-finite parameter on some rank)."""
+    c = get_comm(comm)
+    bad = -1
+    for i, (_, p) in enumerate(named):
+        if not bool(torch.isfinite(p).all()):
+            bad = i
+            break
+    reduced = c.allreduce_named(same={"bad": float(bad)})
+    found = [(r, int(v)) for r, v in enumerate(reduced.per_rank["bad"]) if v >= 0]
+    if found:
+        parts = "; ".join(
+            f"rank {r}: parameter {i}{f' {named[i][0]!r}' if named[i][0] else ''} "
+            f"(shape {tuple(named[i][1].shape)})"
+            if i < len(named) else f"rank {r}: parameter {i}" for r, i in found)
+        raise mark_agreed(NonFiniteParameterError(
+            f"{what}: non-finite (NaN or Inf) parameter values ({parts}); the replicas no "
+            f"longer agree and every later step would be skipped: restore a checkpoint"))
+
+
 @torch.no_grad()
 def broadcast_parameters(module: torch.nn.Module, comm: Any = None, root: int = 0) -> None:
     """Copy ``root``'s parameters and buffers into every rank's ``module`` (one
-    broadcast per tensor)."""
+    broadcast per tensor), after checking in one small reduction that every rank's
+    module has the same tensors (count, shapes and dtypes; a ``ValueError`` on every
+    rank naming the first difference, instead of a broadcast of mismatched sizes)."""
     c = get_comm(comm)
-    for tensor in _tensors(module):
+    tensors = _tensors(module)
+    if c.size > 1:
+        agree(c, {"model": model_description(tensors, "tensor")},
+              "hpcqn.torch.broadcast_parameters")
+    for tensor in tensors:
         contiguous = tensor.detach().contiguous()
         received = c.bcast(backend.from_dlpack(contiguous), root=root)
         tensor.copy_(torch.from_dlpack(received).view_as(tensor))
 
 
 @torch.no_grad()
-def check_same_parameters(params: Iterable[torch.Tensor], comm: Any = None) -> None:
-    """Raise on every rank unless all ranks hold the same parameters (a float64 sum and
-    sum of squares, compared in one small reduction)."""
+def check_same_parameters(params: Iterable[torch.Tensor], comm: Any = None,
+                          options: Mapping[str, Any] | None = None,
+                          model: Mapping[str, Any] | None = None,
+                          what: str = "hpcqn.torch") -> None:
+    """Raise ``ValueError`` on every rank unless all ranks hold the same parameters (a
+    float64 sum and sum of squares), the same model (``model``, by default
+    :func:`model_description` of ``params``: the parameters' count, shapes and dtypes)
+    and the same ``options`` (name -> value; callables compare as "a callable"), in ONE
+    small reduction of four numbers (a fingerprint of the options, one of the model, the
+    two sums). The message names the first option or model entry that differs and which
+    ranks hold which value."""
     c = get_comm(comm)
+    params = list(params)
     values = [p.detach().double().reshape(-1) for p in params]
     flat = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
-    checksum = [float(flat.sum()), float((flat * flat).sum())]
-    _, top = c.allreduce_scalars([], checksum + [-v for v in checksum])
-    if top[0] != -top[2] or top[1] != -top[3]:
-        raise ValueError(
-            "the model's parameters differ between ranks; build it from one seed or "
-            "call hpcqn.torch.broadcast_parameters(model) before creating the optimizer"
-        )
+    checksum = {"sum": float(flat.sum()), "sum of squares": float((flat * flat).sum())}
+    agree(c, {"options": dict(options or {}),
+              "model": dict(model_description(params) if model is None else model)},
+          what, checksum)
 
 
 @torch.no_grad()
-def average_gradients(params: Iterable[torch.Tensor], comm: Any = None) -> None:
+def average_gradients(params: Iterable[torch.Tensor], comm: Any = None) -> bool:
     """Average ``.grad`` over ranks in ONE allreduce (all gradients flattened together,
     with a presence flag per parameter): call it between ``backward()`` and a torch
     optimizer's ``step()`` to train it data-parallel. A parameter without a gradient on
     some ranks counts as zero there and gets the average wherever any rank had one; one
-    without a gradient on every rank keeps ``.grad = None``."""
+    without a gradient on every rank keeps ``.grad = None``.
+
+    Returns whether the averaged gradients are all finite: the same answer on every rank
+    (a NaN or Inf on any rank makes the sum non-finite on every rank), so a caller can
+    skip the step everywhere without another collective."""
     c = get_comm(comm)
     params = [p for p in params if p.requires_grad]
-    if not params or c.size == 1:
-        return
+    if not params:
+        return True
+    if c.size == 1:
+        checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        return bool(torch.stack(checks).all()) if checks else True
     dtype = params[0].dtype
     parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
              for p in params]
@@ -72,6 +169,7 @@ def average_gradients(params: Iterable[torch.Tensor], comm: Any = None) -> None:
                 p.grad = torch.empty_like(p)
             p.grad.copy_(total[position : position + n].view_as(p) / c.size)
         position += n
+    return bool(torch.isfinite(total).all())
 
 
 class GlobalBatches:

@@ -63,14 +63,14 @@ class KFAC(LayerwiseOptimizer):
         optimizer_options: Mapping[str, Any] | None = None,
         **core_options: Any,
     ):
-        options.validate(self, locals())
+        given = options.validate(self, locals())
         super().__init__(model, comm, optimizer, lr, skip_layers, grad_scaler,
                          optimizer_options)
         self.core = CoreKFAC(self.capture.shapes, self.comm, dtype=self.np_dtype, xp=self.xp,
                              **core_options)
         self.kl_clip = float(kl_clip)
         self.last_clip = 1.0  # the KL-clip scale of the last step
-        self._start()  # step 0 updates the factors and the inverses
+        self._start(given, optimizer_options)  # step 0 updates the factors and the inverses
 
     def capturing(self, step: int) -> bool:
         return self.core.is_factor_step(step)
@@ -93,14 +93,17 @@ class KFAC(LayerwiseOptimizer):
                           backend.from_dlpack((g_rows.T @ g_rows).contiguous()), float(batch)))
         return stats
 
-    def _update_curvature(self) -> None:
+    def _update_curvature(self) -> bool:
         with phase(self.timer, "statistics"):
             reduced = self.core.reduce_statistics(self._statistics())
+        if self.core.nonfinite_layers:  # the same on every rank: skip the step
+            return False
         self._report_missing([r is not None for r in reduced])  # the same on every rank
         with phase(self.timer, "factors"):
             self.core.update_factors(reduced)
             if self.core.is_inverse_step(self.steps):
                 self.core.update_inverses()
+        return True
 
     def _adjust(self, directions: list[Any], grads: list[Any]) -> list[Any]:
         lr = float(self.param_groups[0]["lr"])

@@ -15,6 +15,19 @@ A step of a subclass:
 3. each layer's gradient ``[W | b]`` is replaced by the core's preconditioned one
    (:meth:`_precondition`, then :meth:`_adjust` for e.g. K-FAC's KL clip);
 4. the first-order optimizer steps.
+
+A step whose averaged gradients (any layer, any rank: a NaN or Inf on one rank makes the
+sum non-finite on every rank, so the check after the allreduce is already agreed) or
+reduced statistics are not finite is skipped on every rank: factors, inverses, the
+first-order optimizer's state, the step counter and the parameters stay as they were,
+and ``skipped_steps`` counts it. Only then are the parameters checked (one small
+reduction): if any rank's are not finite, every rank raises
+:class:`hpcqn.torch.data.NonFiniteParameterError` naming the parameter and the rank.
+
+At construction every rank must pass the same options (every declared option, the
+first-order optimizer's options, the preconditioned layers) and the same model (the
+parameters' count, shapes, dtypes and values): one small reduction checks all of it and
+raises ``ValueError`` on every rank naming what differs.
 """
 
 from __future__ import annotations
@@ -27,12 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import backend
+from .. import backend, options
 from ..comm import Communicator, get_comm
 from ..options import Rule
 from ..timing import PhaseTimer, phase
 from .capture import LayerCapture, grad_matrix, set_grad_matrix
-from .data import average_gradients, check_same_parameters
+from .data import average_gradients, check_finite_parameters, check_same_parameters
 from .lamb import LAMB
 
 OPTIMIZERS = ("sgd", "adam", "lamb")
@@ -106,10 +119,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._reported: set[str] = set()
         self._params = params
 
-    def _start(self) -> None:
-        """The end of a subclass's ``__init__``: same model on every rank, hooks on."""
-        check_same_parameters(self._params, self.comm)
+    def _start(self, given: Mapping[str, Any], optimizer_options: Any = None) -> None:
+        """The end of a subclass's ``__init__``: same options and model on every rank (one
+        small reduction), hooks on. ``given``: what ``options.validate`` returned."""
+        agreed: dict[str, Any] = {
+            f"option {name!r}": given.get(name, option.default)
+            for name, option in options.declared(type(self)).items()}
+        agreed["optimizer_options"] = dict(sorted((optimizer_options or {}).items()))
+        agreed["layers"] = tuple(self.capture.names)
+        check_same_parameters(self._params, self.comm, options=agreed,
+                              what=f"hpcqn.torch.{self.kind}")
         self.capture.active = self.capturing(self.steps)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient or the statistics were not finite."""
+        return self.core.skipped_steps
 
     # -- what subclasses provide ---------------------------------------------------------
     @property
@@ -120,8 +145,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Whether the hooks record rows during the forward/backward of ``step``."""
         raise NotImplementedError
 
-    def _update_curvature(self) -> None:
-        """Turn the recorded rows into the core's curvature (called on capturing steps)."""
+    def _update_curvature(self) -> bool:
+        """Turn the recorded rows into the core's curvature (called on capturing steps);
+        False, with nothing changed, when the reduced statistics are not finite."""
         raise NotImplementedError
 
     def _adjust(self, directions: list[Any], grads: list[Any]) -> list[Any]:
@@ -161,12 +187,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                             f"first, then step()")
         self._check_loss(loss)
         with phase(self.timer, "communication"):  # the flat-buffer copies count here too
-            average_gradients(self.capture.params() + self._other_params(), self.comm)
-        if self.preconditioning:
+            # Finite or not: the same answer on every rank (checked after the allreduce).
+            take = average_gradients(self.capture.params() + self._other_params(),
+                                     self.comm)
+        if take and self.preconditioning:
             if self.capturing(self.steps):
-                self._update_curvature()
-            self._precondition()
+                take = self._update_curvature()  # reduced statistics: agreed too
+            if take:
+                self._precondition()
         self.capture.clear()
+        if not take:
+            self.core.skipped_steps += 1
+            self._check_parameters()
+            return
         with phase(self.timer, "update"):
             self.inner.step()
         self._after_step(loss)
@@ -175,6 +208,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _check_loss(self, loss: Any) -> None:
         """Subclasses that need ``step(loss=...)`` raise here when it is missing."""
+
+    def _check_parameters(self) -> None:
+        """After a skipped step: raise on every rank if any rank's parameters are not
+        finite (one small reduction)."""
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        check_finite_parameters(named, self.comm, f"hpcqn.torch.{self.kind}")
 
     def _other_params(self) -> list[torch.Tensor]:
         """Parameters outside the preconditioned layers (averaged, not preconditioned)."""
@@ -205,7 +244,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return {"inner": self.inner.state_dict(),
                 "hpcqn": {"kind": self.kind, "steps": self.steps, "layers": self.capture.names,
                           "shapes": [list(s) for s in self.core.shapes],
-                          "placement": self.core.placement, **extra}}
+                          "placement": self.core.placement,
+                          "skipped_steps": self.core.skipped_steps, **extra}}
 
     def _check_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """The ``hpcqn`` part of a saved state, after checking it fits this model."""
@@ -224,5 +264,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict["inner"])
         self.param_groups = self.inner.param_groups  # torch replaced the group dicts
         self.steps = int(ours["steps"])
+        self.core.skipped_steps = int(ours.get("skipped_steps", 0))
         self.capture.clear()
         self.capture.active = self.preconditioning and self.capturing(self.steps)

@@ -18,7 +18,9 @@ One ``step()`` (the shared steps are :class:`hpcqn.torch.layerwise.LayerwiseOpti
 ``param_groups`` are the first-order optimizer's own, so learning-rate schedulers work on
 this object. With ``hybrid=True`` (MKOR-H), ``step(loss=...)`` takes the rank's loss; its
 global mean drives :class:`hpcqn.optimizers.mkor.HybridSwitch`, and after the switch the
-steps are plain first-order steps (no hooks, no factor work).
+steps are plain first-order steps (no hooks, no factor work). A step skipped for a
+non-finite gradient or statistics (:mod:`hpcqn.torch.layerwise`) reduces no loss and
+leaves the switch as it was; a non-finite global loss is left out of the switch's window.
 
 The core's options (``factor_freq``, ``factor_decay``, ``eps_stab``, ``zeta``,
 ``placement``, ``factor_dtype``, ``stats_dtype``: :class:`hpcqn.optimizers.mkor.MKOR`;
@@ -72,14 +74,14 @@ class MKOR(LayerwiseOptimizer):
         optimizer_options: Mapping[str, Any] | None = None,
         **core_options: Any,
     ):
-        options.validate(self, locals())
+        given = options.validate(self, locals())
         super().__init__(model, comm, optimizer, lr, skip_layers, grad_scaler,
                          optimizer_options)
         self.core = CoreMKOR(self.capture.shapes, self.comm, dtype=self.np_dtype, xp=self.xp,
                              **core_options)
         self.clamp = float(clamp)
         self.switch = HybridSwitch(hybrid_window, hybrid_threshold) if hybrid else None
-        self._start()  # step 0 updates the factors
+        self._start(given, optimizer_options)  # step 0 updates the factors
 
     @property
     def preconditioning(self) -> bool:
@@ -108,14 +110,19 @@ class MKOR(LayerwiseOptimizer):
                           backend.from_dlpack(g.contiguous())))
         return stats
 
-    def _update_curvature(self) -> None:
+    def _update_curvature(self) -> bool:
         with phase(self.timer, "statistics"):
             reduced = self.core.reduce_statistics(self._statistics())
+        if self.core.nonfinite_layers:  # the same on every rank: skip the step
+            return False
         self._report_missing([r is not None for r in reduced])  # the same on every rank
         with phase(self.timer, "factors"):
             self.core.update_factors(reduced)
+        return True
 
     def _after_step(self, loss: Any) -> None:
+        """MKOR-H: the global mean loss to the switch (a non-finite one is left out of
+        its window: :meth:`HybridSwitch.observe`)."""
         if self.switch is None:
             return
         with phase(self.timer, "communication"):

@@ -14,6 +14,14 @@ and autograd accumulates into it in place). The core optimizer sees both through
 Copies that remain: when something replaced a ``.grad`` (``model.zero_grad()`` sets them
 to None, after which autograd allocates new tensors) the step copies those gradients
 into the flat buffer once and re-attaches the views.
+
+Agreement between ranks: at construction every declared option, the blocks and the model
+(the parameters' count, shapes, dtypes and values) are checked in one small reduction
+(``ValueError`` on every rank naming what differs). A step with a non-finite gradient on
+any rank is skipped on every rank (the flag slots of the reduce_scatter) and counted in
+``skipped_steps``; only then are the parameters checked (one small reduction), and if any
+rank's are not finite every rank raises
+:class:`hpcqn.torch.data.NonFiniteParameterError` naming the parameter and the rank.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from ..layout import BlockLayout
 from ..optimizers.mlbfgs import MLBFGS as CoreMLBFGS
 from ..options import Rule
 from ..timing import PhaseTimer
-from .data import check_same_parameters
+from .data import check_finite_parameters, check_same_parameters, model_description
 
 # What the bridge forwards to the core: every core option but these (lr and weight_decay
 # are the bridge's own, in param_groups; the step is always the replicated one).
@@ -94,7 +102,7 @@ class MLBFGS(torch.optim.Optimizer):
         max_block_size: int | None = None,
         **core_options: Any,
     ):
-        options.validate(self, locals())
+        given = options.validate(self, locals())
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         if len(self.param_groups) != 1:
             raise ValueError("hpcqn.torch.MLBFGS takes one parameter group (pass "
@@ -119,8 +127,13 @@ class MLBFGS(torch.optim.Optimizer):
         self.parameter_layout = BlockLayout.from_sizes(sizes, self.comm.size)
         layout, self.block_ids = self.parameter_layout.rank_sorted()
         self.layout = layout
+        self._params = params  # in parameter order
         self._attach([grouped[b] for b in self.block_ids], layout)
-        check_same_parameters([self.flat_param], self.comm)
+        agreed = {f"option {name!r}": given.get(name, option.default)
+                  for name, option in options.declared(type(self)).items()}
+        agreed["blocks"] = tuple(int(c) for c in counts)
+        check_same_parameters([self.flat_param], self.comm, options=agreed,
+                              model=model_description(params), what="hpcqn.torch.MLBFGS")
         self.core = CoreMLBFGS(layout, self.comm, lr=lr, weight_decay=weight_decay,
                                **core_options)
 
@@ -175,7 +188,9 @@ class MLBFGS(torch.optim.Optimizer):
                 "backward() in the training loop, then step()"
             )
         self.prepare_step()
-        self.core.step_rank_major(self._x, self._send)
+        if not self.core.step_rank_major(self._x, self._send):  # skipped on every rank
+            check_finite_parameters([("", p) for p in self._params], self.comm,
+                                    "hpcqn.torch.MLBFGS")
 
     def prepare_step(self) -> None:
         """What the bridge does before the core step: re-attach gradients, hand the
