@@ -1,4 +1,4 @@
-"""The damping rule of mL-BFGS (ALGORITHMS.md section 1; Niu et al., TMLR 2023) and the
+"""The damping rule of mL-BFGS (docs/algorithms.md, section 2.4; Niu et al., TMLR 2023) and the
 rule that accepts or skips a curvature pair.
 
 Given a pair ``(s, y)`` with ``mu = s.y / s.s``, replace ``y`` by

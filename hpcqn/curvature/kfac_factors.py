@@ -1,4 +1,4 @@
-"""The formulas of K-FAC (KAISA; ALGORITHMS.md section 4) on backend arrays: running
+"""The formulas of K-FAC (KAISA; docs/algorithms.md, section 4) on backend arrays: running
 Kronecker factors, their damped inverses and eigendecompositions, the two forms of
 preconditioning and the KL clip. Pure functions (no communication): the distribution is
 :class:`hpcqn.optimizers.kfac.KFAC`'s.

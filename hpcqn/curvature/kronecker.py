@@ -1,5 +1,5 @@
 """Kronecker-factor inverses kept up to date by rank-1 Sherman-Morrison steps (MKOR,
-Mozaffari et al., NeurIPS 2023; ALGORITHMS.md section 2).
+Mozaffari et al., NeurIPS 2023; docs/algorithms.md, section 3.3).
 
 A factor ``F`` (``d x d``, SPD) is never formed: only ``X = F^-1`` is stored. An update
 with the vector ``v`` replaces ``F`` by ``gam F + (1 - gam) v v^T`` and ``X`` by its EXACT
@@ -9,7 +9,7 @@ inverse::
     X = (X - (1 - gam) u u^T / (gam + (1 - gam) v.u)) / gam
 
 which stays symmetric positive definite for ``0 < gam < 1`` (the paper's printed formula
-and the released code differ from this; see ALGORITHMS.md). Before the update the
+and the released code differ from this; see docs/algorithms.md, section 3.12). Before the update the
 norm-based stabiliser pulls ``X`` towards the identity when ``max|X| > eps_stab``:
 ``X = zeta X + (1 - zeta) I``. Cost: ``O(d^2)``, a few passes over ``X`` (a
 matrix-vector product, a scaling, a rank-1 update, the symmetrisation), against the

@@ -1,5 +1,5 @@
 """K-FAC on backend arrays, model-agnostic, as the second-order baseline the papers
-compare against (KAISA; ALGORITHMS.md section 4).
+compare against (KAISA; docs/algorithms.md, section 4).
 
 A layer is a gradient matrix ``(d_out, d_in)`` (a bias folded in as the last input
 column). Per layer K-FAC keeps running averages of its two Kronecker factors

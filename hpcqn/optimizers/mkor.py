@@ -1,4 +1,4 @@
-"""MKOR and MKOR-H on backend arrays, model-agnostic (ALGORITHMS.md section 2).
+"""MKOR and MKOR-H on backend arrays, model-agnostic (docs/algorithms.md, section 3).
 
 A "layer" is a weight matrix ``W`` of shape ``(d_out, d_in)`` (a bias folded in as the
 last input column, whose activation is 1). Per layer this keeps the inverses of its two

@@ -1,6 +1,6 @@
 """mL-BFGS: momentum L-BFGS with a block-wise Hessian (Niu et al., TMLR 2023).
 
-ALGORITHMS.md section 1, per block ``b`` that this rank owns, at step ``t``::
+docs/algorithms.md section 2, per block ``b`` that this rank owns, at step ``t``::
 
     Mth = beta Mth + (1 - beta) theta_t ;  Mg = beta Mg + (1 - beta) g_t
     (both start at the first step's theta and g)

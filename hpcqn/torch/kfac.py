@@ -1,4 +1,4 @@
-"""K-FAC for torch models (KAISA's algorithm; ALGORITHMS.md section 4): a
+"""K-FAC for torch models (KAISA's algorithm; docs/algorithms.md, section 4): a
 ``torch.optim.Optimizer`` that preconditions the gradients of ``nn.Linear`` and
 ``nn.Conv2d`` layers with damped inverses of running Kronecker factors
 (:class:`hpcqn.optimizers.kfac.KFAC`) and hands them to a first-order optimizer. It shares
