@@ -1,9 +1,21 @@
 """The ``hpcqn`` command line: ``hpcqn info``, ``hpcqn run JOB.toml``, ``hpcqn plot RUN...``.
 
-Exit codes: 0 success, 1 the job ran but did not converge (status != 0), 2 bad
-input (job file, options, a checkpoint that does not fit, a Slurm task-count mismatch),
-3 stopped by SIGUSR1/SIGTERM after writing a checkpoint (run the same command again to
-resume; the ``slurm/`` templates requeue the job).
+Exit codes (distinct; ``hpcqn run``):
+
+- 0 (:data:`EXIT_OK`): success;
+- 1 (:data:`EXIT_NOT_CONVERGED`): the job ran but did not converge (summary status != 0);
+- 2 (:data:`EXIT_BAD_INPUT`): bad input, found before any work: the job file (a missing,
+  unreadable or invalid file, an unknown section or key, a value of the wrong type or out
+  of range), options, a checkpoint that does not fit the job (or a run directory whose
+  checkpoints were saved for a different job file: ``--fresh`` starts over), a Slurm
+  task-count mismatch, a run directory in use by another run (its ``lock``). One line on
+  stderr, from rank 0 only;
+- 3 (:data:`EXIT_PREEMPTED`): stopped by SIGUSR1, SIGTERM or SIGINT (Ctrl-C) after
+  writing a checkpoint (run the same command again to resume; the ``slurm/`` templates
+  requeue the job);
+- 4 (:data:`hpcqn.comm.EXIT_FAILED`): a rank failed (out of memory, an error in a model or
+  a callback, a second Ctrl-C): its error is printed once, by that rank, and every rank
+  stops (by agreement, or by ``MPI_Abort``).
 """
 
 from __future__ import annotations
@@ -11,9 +23,17 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import traceback
 from collections.abc import Sequence
 
 import numpy as np
+
+from .signals import EXIT_PREEMPTED
+
+EXIT_OK = 0
+EXIT_NOT_CONVERGED = 1
+EXIT_BAD_INPUT = 2
+__all__ = ["EXIT_BAD_INPUT", "EXIT_NOT_CONVERGED", "EXIT_OK", "EXIT_PREEMPTED", "main"]
 
 
 def _devices() -> str:
@@ -34,22 +54,15 @@ def info() -> int:
     staging, and why), the devices, and each rank's local rank and bound device (rank 0
     prints; every rank binds, so under a launcher this shows the real placement)."""
     from . import __version__
-    from .comm import _mpi, detect_cuda_aware, get_comm
+    from .comm import detect_cuda_aware, get_comm, library_version
     from .device import bind
 
     comm = get_comm()
     bindings = comm.allgather_object(bind(comm).describe())
     if comm.rank != 0:
         return 0
-    MPI = _mpi()
-    if MPI is None:
-        mpi_line = "not available (mpi4py not installed or HPCQN_NO_MPI=1): serial only"
-    else:
-        import mpi4py
-
-        library = " ".join(MPI.Get_library_version().split("\n")[0].split())
-        version = ".".join(map(str, MPI.Get_version()))
-        mpi_line = f"{library} (MPI {version}, mpi4py {mpi4py.__version__})"
+    mpi_line = (library_version()
+                or "not available (mpi4py not installed or HPCQN_NO_MPI=1): serial only")
     aware = detect_cuda_aware()
     path = ("yes: device buffers go to MPI directly" if aware.aware
             else "no: device buffers are staged through host buffers")
@@ -71,17 +84,13 @@ def limit_threads() -> int:
     down many times. ``OMP_NUM_THREADS``, when set, wins. Returns the thread count."""
     import os
 
-    from .comm import _mpi, get_comm
+    from .comm import get_comm
 
     comm = get_comm()
     if "OMP_NUM_THREADS" in os.environ:
         threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
     else:
-        ranks_here = 1
-        if comm.size > 1:
-            local = comm.mpi_comm.Split_type(_mpi().COMM_TYPE_SHARED)
-            ranks_here = local.Get_size()
-            local.Free()
+        _, ranks_here = comm.node_local()
         threads = max(1, (os.cpu_count() or 1) // ranks_here)
     from threadpoolctl import threadpool_limits
 
@@ -113,29 +122,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         return info()
     if args.command == "plot":
         return plot_command(args.runs, args.output)
-    from .checkpoint import CheckpointError
-    from .comm import RemoteRankError, get_comm
-    from .experiments.jobs import JobError, run_job
-    from .signals import EXIT_PREEMPTED, StopFlag
+    return run_command(args.job, args.output, args.fresh)
 
-    problem = slurm_mismatch(get_comm().size)
+
+def run_command(job: str, output: str | None = None, fresh: bool = False) -> int:
+    """``hpcqn run``: the exit code (see the module docstring). Bad input is found on
+    every rank alike (every rank reads the same job file, agreed by its digest, and checks
+    it the same way; the run directory's verdict is rank 0's, broadcast; checkpoint errors
+    are agreed in the reading), so each rank knows the outcome and only rank 0 prints it.
+    A failure on one rank that every rank learnt of in an agreement is printed once, by
+    that rank (exit 4); any other failure aborts every rank (:func:`abort_on_failure`)."""
+    from .checkpoint import CheckpointError
+    from .comm import EXIT_FAILED, RemoteRankError, abort_on_failure, get_comm, is_agreed
+    from .experiments.jobs import JobError, run_job
+    from .signals import StopFlag
+
+    comm = get_comm()
+    problem = slurm_mismatch(comm.size)
     if problem:
-        print(f"hpcqn run: error: {problem}", file=sys.stderr, flush=True)
-        return 2
+        _error(comm.rank, problem)
+        return EXIT_BAD_INPUT
     limit_threads()
-    try:
-        with StopFlag() as stop:
-            summary = run_job(args.job, output=args.output, fresh=args.fresh, stop=stop)
-    except (JobError, CheckpointError) as exc:
-        print(f"hpcqn run: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except RemoteRankError as exc:
-        if "CheckpointError" in str(exc) or "JobError" in str(exc):
-            return 2  # the failing rank printed it
-        raise
+    with abort_on_failure(comm):
+        try:
+            with StopFlag() as stop:
+                summary = run_job(job, comm=comm, output=output, fresh=fresh, stop=stop)
+        except (JobError, CheckpointError) as exc:
+            _error(comm.rank, str(exc))
+            return EXIT_BAD_INPUT
+        except RemoteRankError as exc:
+            # Another rank failed: it prints its own error; bad input is printed by rank 0.
+            if exc.remote_type in ("JobError", "CheckpointError"):
+                _error(comm.rank, str(exc))
+                return EXIT_BAD_INPUT
+            return EXIT_FAILED
+        except BaseException as exc:
+            if not is_agreed(exc):
+                raise  # only this rank knows: abort_on_failure ends every rank
+            print(f"hpcqn run: rank {comm.rank} failed (every rank stops):\n"
+                  + "".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr,
+                  flush=True)
+            return EXIT_FAILED
     if summary["status"] == EXIT_PREEMPTED:
         return EXIT_PREEMPTED
-    return 0 if summary["status"] == 0 else 1
+    return EXIT_OK if summary["status"] == 0 else EXIT_NOT_CONVERGED
+
+
+def _error(rank: int, message: str) -> None:
+    """One line on stderr, rank 0 only."""
+    if rank == 0:
+        print("hpcqn run: error: " + " ".join(message.split()), file=sys.stderr, flush=True)
 
 
 def plot_command(runs: list[str], output: str) -> int:

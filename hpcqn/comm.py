@@ -48,10 +48,11 @@ EXIT_FAILED = 4
 class RemoteRankError(RuntimeError):
     """Raised on every rank when another rank failed; names that rank and its error."""
 
-    def __init__(self, rank: int, message: str):
+    def __init__(self, rank: int, message: str, remote_type: str | None = None):
         super().__init__(f"rank {rank} failed: {message}")
         self.rank = rank
         self.remote_message = message
+        self.remote_type = remote_type  # the class name of the failing rank's error
 
 
 def mark_agreed(error: BaseException) -> BaseException:
@@ -466,13 +467,14 @@ class Communicator:
         failed = np.flatnonzero(table[:, 0])
         if failed.size:
             first = int(failed[0])
-            message = self.bcast_object(
-                None if error is None else f"{type(error).__name__}: {error}", root=first
+            described = self.bcast_object(
+                None if error is None else (type(error).__name__, f"{type(error).__name__}: "
+                                                                  f"{error}"), root=first
             )
             if error is not None:
                 mark_agreed(error)
                 raise error
-            raise RemoteRankError(first, message)
+            raise RemoteRankError(first, described[1], described[0])
         return table[:, 1:]
 
     @_timed

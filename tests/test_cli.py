@@ -253,3 +253,37 @@ def test_stochastic_job_resumes_with_its_records(tmp_path):
     after = json.loads(Path(output).read_text())
     for method, record in before["methods"].items():
         assert after["methods"][method]["epochs"] == record["epochs"]
+
+
+def test_exit_codes_are_distinct_and_documented():
+    from hpcqn import cli
+    from hpcqn.signals import EXIT_PREEMPTED
+
+    codes = [cli.EXIT_OK, cli.EXIT_NOT_CONVERGED, cli.EXIT_BAD_INPUT, EXIT_PREEMPTED]
+    assert codes == [0, 1, 2, 3]
+    for code in codes:
+        assert f"- {code} (" in cli.__doc__
+
+
+def test_run_that_does_not_converge_exits_1(tmp_path):
+    out = hpcqn("run", str(small_job(tmp_path, extra="maxiter = 2\n")), "--output",
+                str(tmp_path / "run" / "summary.json"))
+    assert out.returncode == 1, out.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] != 0
+    assert not (tmp_path / "run" / "lock").exists()
+
+
+@needs_mpiexec
+def test_locked_run_directory_is_refused_on_every_rank(tmp_path):
+    """A run directory in use: one line from rank 0, exit 2, on two ranks (rank 0 decides
+    and tells the others, so none hangs)."""
+    import socket
+
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / "lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    out = hpcqn("run", str(small_job(tmp_path)), "--output", str(tmp_path / "run" / "s.json"),
+                ranks=2)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1 and str(lock) in out.stderr
+    assert lock.exists() and not (tmp_path / "run" / "s.json").exists()

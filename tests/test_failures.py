@@ -158,3 +158,60 @@ def test_ctrl_c_on_mpiexec_is_an_agreed_stop_with_a_checkpoint(tmp_path):
                              timeout=200)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout
+
+
+RUN_WITH_FAULT = """
+import sys, torch, hpcqn
+import hpcqn.experiments.training as training
+from hpcqn.cli import main
+rank, fault = hpcqn.get_comm().rank, sys.argv[2]
+steps = [0]
+original = training.loss_of
+def faulty(*args, **kwargs):
+    steps[0] += 1
+    if fault == "oom" and rank == 1 and steps[0] == 30:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated on rank 1 at step 30)")
+    return original(*args, **kwargs)
+training.loss_of = faulty
+sys.exit(main(["run", sys.argv[1], "--output", sys.argv[3]]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_out_of_memory_on_one_rank_inside_hpcqn_run_exits_4(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(JOB)
+    out, seconds = launch(2, RUN_WITH_FAULT, str(job), "oom", str(tmp_path / "run" / "s.json"))
+    assert seconds < LIMIT, out.stderr
+    assert out.returncode == 4, out.stdout + out.stderr
+    assert out.stderr.count("simulated on rank 1 at step 30") >= 1
+    assert out.stderr.count("hpcqn: rank 1 of 2: failed") == 1
+
+
+@pytest.mark.timeout(120)
+def test_rank_0_failing_to_write_its_metrics_stops_every_rank(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(JOB)
+    (tmp_path / "run" / "sgd.jsonl").mkdir(parents=True)  # rank 0 cannot write its metrics
+    out, seconds = launch(2, RUN_WITH_FAULT, str(job), "none", str(tmp_path / "run" / "s.json"))
+    assert seconds < LIMIT, out.stderr
+    assert out.returncode == 4, out.stdout + out.stderr
+    assert "IsADirectoryError" in out.stderr and out.stderr.count("hpcqn: rank 0 of 2") == 1
+
+
+@pytest.mark.timeout(120)
+def test_job_files_that_differ_between_ranks_are_refused(tmp_path):
+    """MPMD launch, one job file per rank: exit 2 before any training, one line."""
+    first, second = tmp_path / "a.toml", tmp_path / "b.toml"
+    first.write_text(JOB)
+    second.write_text(JOB.replace("epochs = 8", "epochs = 9"))
+    command = [MPIEXEC, "-n", "1", sys.executable, "-m", "hpcqn", "run", str(first), ":",
+               "-n", "1", sys.executable, "-m", "hpcqn", "run", str(second)]
+    start = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path,
+                         timeout=LIMIT + 30)
+    assert time.perf_counter() - start < LIMIT
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "job file: content differs between ranks" in lines[0], lines
+    assert "epoch" not in out.stdout

@@ -15,7 +15,8 @@ singular, Broyden tridiagonal, Wood, extended to n variables by repeating blocks
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,11 @@ import numpy as np
 from ..comm import get_comm, serial_comm
 from ..layout import SliceLayout
 from ..minimize import minimize
+from ..options import Option, Rule, declared
 
 Fun = Callable[[Any], tuple[float, Any]]
 Local = tuple[Fun, np.ndarray]  # (callback, this rank's slice of x0)
+DTYPES = ("float32", "float64")
 
 
 class Problem:
@@ -34,6 +37,17 @@ class Problem:
 
     name = ""
     group = 0
+    # The parameters a job file's [problem] table may set (hpcqn.options rules; the
+    # subclasses add theirs). See :func:`parameters`.
+    OPTION_RULES = {"n": Rule("int", low=1), "dtype": Rule("str", choices=DTYPES)}
+
+    @classmethod
+    def check_parameters(cls, params: Mapping[str, Any]) -> None:
+        """What the rules cannot say about checked ``params`` (before anything is built):
+        a ValueError naming the parameter."""
+        n = params.get("n")
+        if cls.group and isinstance(n, int) and n % cls.group:
+            raise ValueError(f"n: {cls.name} needs n divisible by {cls.group}, got {n}")
 
     def __init__(self, n: int, dtype: Any = np.float64):
         if self.group and n % self.group:
@@ -174,6 +188,7 @@ class DiagonalQuadratic(Problem):
 
     name = "quadratic"
     group = 1
+    OPTION_RULES = {"cond": Rule("float", low=1.0)}
 
     def __init__(self, n: int, dtype: Any = np.float64, cond: float = 1e4):
         super().__init__(n, dtype)
@@ -208,6 +223,13 @@ class LogisticRegression(Problem):
     f(w) = sum_i log(1 + exp(-y_i a_i.w)) + lam/2 |w|^2."""
 
     name = "logistic"
+    weights = 31  # 30 features + the intercept
+    OPTION_RULES = {"lam": Rule("float", low=0.0)}
+
+    @classmethod
+    def check_parameters(cls, params: Mapping[str, Any]) -> None:
+        if params.get("n", cls.weights) != cls.weights:
+            raise ValueError(f"n: logistic has n = {cls.weights} weights, got {params['n']}")
 
     def __init__(self, n: int = 31, dtype: Any = np.float64, lam: float = 1.0):
         from sklearn.datasets import load_breast_cancer
@@ -257,6 +279,21 @@ PROBLEMS: dict[str, type[Problem]] = {
 }
 
 
+def parameters(problem: type) -> tuple[dict[str, Option], tuple[str, ...]]:
+    """The parameters of a problem class as :mod:`hpcqn.options` declarations (from its
+    constructor and ``OPTION_RULES``), and the names of those without a default (which
+    a job file must give)."""
+    rules: dict[str, Rule] = {}
+    for klass in reversed(problem.__mro__):
+        rules.update(vars(klass).get("OPTION_RULES", {}))
+    signature = list(inspect.signature(problem.__init__).parameters.values())[1:]
+    required = tuple(p.name for p in signature if p.default is inspect.Parameter.empty
+                     and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    spec = {name: Option(name, None, rules[name]) for name in required}
+    spec.update(declared(problem))
+    return spec, required
+
+
 def make_problem(name: str, **params: Any) -> Problem:
     """A problem by name (see ``PROBLEMS``) with its parameters (``n``, ``dtype``, ...)."""
     if name not in PROBLEMS:
@@ -277,6 +314,12 @@ class DigitsSoftmax:
 
     name = "digits_softmax"
     classes, features = 10, 65
+    OPTION_RULES = {"l2": Rule("float", low=0.0), "seed": Rule("int", low=0),
+                    "dtype": Rule("str", choices=DTYPES)}
+
+    @classmethod
+    def check_parameters(cls, params: Mapping[str, Any]) -> None:
+        """Nothing beyond the rules."""
 
     def __init__(self, l2: float = 1e-4, seed: int = 0, dtype: Any = np.float64):
         from sklearn.datasets import load_digits
