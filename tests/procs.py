@@ -1,9 +1,28 @@
-"""Finding the rank processes of an mpiexec launch (for tests that signal one rank)."""
+"""Running ``hpcqn`` in real processes (alone or under ``mpiexec``) and finding the rank
+processes of an mpiexec launch (for tests that signal one rank)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = shutil.which("mpiexec")
+# One thread per rank; no Slurm variables from an outer allocation (hpcqn run checks them).
+ENV = {k: v for k, v in os.environ.items() if k not in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS")}
+ENV.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+
+
+def hpcqn(*args: str, ranks: int = 0, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m hpcqn ARGS`` in the repository, under ``mpiexec -n ranks`` when given."""
+    command = [sys.executable, "-m", "hpcqn", *args]
+    if ranks:
+        command = [MPIEXEC, "-n", str(ranks), *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=ENV)
 
 
 def _parent(pid: int) -> int:

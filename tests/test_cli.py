@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from procs import ENV, MPIEXEC, ROOT, hpcqn
 
-ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = shutil.which("mpiexec")
 needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-def hpcqn(*args: str, ranks: int = 0, timeout: float = 120) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "hpcqn", *args]
-    if ranks:
-        command = [MPIEXEC, "-n", str(ranks), *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=ENV)
 
 
 def small_job(tmp_path: Path, n: int = 2000, extra: str = "") -> Path:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from procs import MPIEXEC, ROOT, hpcqn
 
 from hpcqn.comm import serial_comm
 from hpcqn.experiments.jobs import (
@@ -26,12 +25,6 @@ from hpcqn.experiments.jobs import (
     run_job,
     schema,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = shutil.which("mpiexec")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HPCQN_DEVICE": "cpu"}
-ENV.pop("SLURM_NTASKS", None)
-ENV.pop("SLURM_STEP_NUM_TASKS", None)
 
 MINIMIZE = ('[job]\nkind = "minimize"\n[problem]\nname = "extended_rosenbrock"\nn = 20\n'
             '[options]\ngtol = 1e-6\n')
@@ -192,12 +185,6 @@ def test_differences_are_flat_keys():
 
 
 # -- real processes ------------------------------------------------------------------------
-def hpcqn(*args: str, ranks: int = 0, timeout: float = 120) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "hpcqn", *args]
-    if ranks:
-        command = [MPIEXEC, "-n", str(ranks), *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=ENV)
 
 
 def assert_refused(out: subprocess.CompletedProcess, fragments: list[str]) -> str:
