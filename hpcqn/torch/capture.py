@@ -88,28 +88,10 @@ class LayerCapture:
         self._handles = []
 
     def _forward_hook(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-            if not self.active or not torch.is_grad_enabled() or not output.requires_grad:
-                return
-            output.register_hook(self._grad_hook(name, module, inputs[0].detach()))
-
-        return hook
+        return _ForwardHook(self, name)
 
     def _grad_hook(self, name: str, module: nn.Module, x: torch.Tensor) -> Any:
-        """Records the call's input rows and output-gradient rows together, only when the
-        output is back-propagated (a forward without backward leaves no trace), in the
-        parameters' dtype (autocast may have run the layer in half precision)."""
-
-        def hook(grad: torch.Tensor) -> None:
-            dtype = module.weight.dtype
-            self.inputs.setdefault(name, []).append(input_rows(module, x.to(dtype)))
-            self.grads.setdefault(name, []).append(
-                output_grad_rows(module, grad.detach().to(dtype)))
-            # The batch size of one call: a layer applied T times to (B, d) has the
-            # same statistics as one call on (B, T, d).
-            self.batch[name] = int(x.shape[0])
-
-        return hook
+        return _GradHook(self, name, module, x)
 
     def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """``(input rows, output-gradient rows, batch size)`` recorded for a layer since
@@ -157,11 +139,44 @@ def grad_matrix(module: nn.Module) -> torch.Tensor | None:
 
 @torch.no_grad()
 def set_grad_matrix(module: nn.Module, d: torch.Tensor) -> None:
-    """Write ``(d_out, d_in)`` back into the weight's (and bias's) gradient."""
+    """Write ``(d_out, d_in)`` back into the weight's (and bias's) gradient; a bias
+    without gradient (frozen, or no gradient on any rank) keeps ``.grad = None``, so the
+    first-order optimizer leaves it where it is, as torch's optimizers do."""
     weight, bias = module.weight, module.bias
     n_w = weight[0].numel()
     weight.grad.copy_(d[:, :n_w].reshape(weight.shape))
-    if bias is not None:
-        if bias.grad is None:
-            bias.grad = torch.zeros_like(bias)
+    if bias is not None and bias.grad is not None:
         bias.grad.copy_(d[:, n_w])
+
+
+class _ForwardHook:
+    """The forward hook on one layer: a module-level class, not a closure, so that
+    ``copy.deepcopy([model, optimizer])`` points the copied model's hooks at the copied
+    :class:`LayerCapture`."""
+
+    def __init__(self, capture: LayerCapture, name: str):
+        self.capture, self.name = capture, name
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        if not self.capture.active or not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        output.register_hook(_GradHook(self.capture, self.name, module, inputs[0].detach()))
+
+
+class _GradHook:
+    """Records the call's input rows and output-gradient rows together, only when the
+    output is back-propagated (a forward without backward leaves no trace), in the
+    parameters' dtype (autocast may have run the layer in half precision)."""
+
+    def __init__(self, capture: LayerCapture, name: str, module: nn.Module, x: torch.Tensor):
+        self.capture, self.name, self.module, self.x = capture, name, module, x
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        capture, name, module, x = self.capture, self.name, self.module, self.x
+        dtype = module.weight.dtype
+        capture.inputs.setdefault(name, []).append(input_rows(module, x.to(dtype)))
+        capture.grads.setdefault(name, []).append(
+            output_grad_rows(module, grad.detach().to(dtype)))
+        # The batch size of one call: a layer applied T times to (B, d) has the same
+        # statistics as one call on (B, T, d).
+        capture.batch[name] = int(x.shape[0])

@@ -44,7 +44,24 @@ from .layerwise import LayerwiseOptimizer
 class KFAC(LayerwiseOptimizer):
     """K-FAC for ``model`` (see the module docs); ``**core_options``: those of
     :class:`hpcqn.optimizers.kfac.KFAC` (``factor_freq``, ``inv_freq``, ``factor_decay``,
-    ``damping``, ``method``, ``placement``)."""
+    ``damping``, ``method``, ``placement``).
+
+    torch conventions (:mod:`hpcqn.torch.conventions`): ``param_groups``, ``state`` and
+    ``defaults`` are the first-order optimizer's (schedulers, ``OneCycleLR``'s momentum
+    too, reach it; ``opt.state[p]`` holds its state and a ``"step"`` count);
+    ``step(closure)`` follows torch's contract (the closure must return the loss tensor);
+    ``state_dict()`` is ``{"state", "param_groups"}`` of tensors and plain values, with
+    hpcqn's state under ``["state"][0]["hpcqn"]``. Where they cannot hold: the parameters
+    are the model's, fixed at construction (``add_param_group`` raises ``ValueError``: for
+    several groups with their own ``lr``/``weight_decay`` pass ``optimizer=`` a
+    ``torch.optim`` optimizer built over those groups); parameters must be float32 or
+    float64, all of one dtype (half precision raises ``TypeError``: keep float32 weights
+    with ``model.float()`` and use ``torch.autocast``; mixed dtypes: ``model.to(dtype)``);
+    the hooks live on the model, so ``copy.deepcopy(opt)`` alone copies the model with it
+    (copy both with ``copy.deepcopy([model, opt])``), and pickling raises ``TypeError``
+    (save ``state_dict()`` with ``torch.save`` and ``load_state_dict`` it into a new
+    optimizer); ``torch.compile(opt.step)`` runs the step eagerly (it calls NumPy and
+    MPI, so dynamo is disabled for it)."""
 
     kind = "KFAC"
     OPTION_RULES = {"kl_clip": Rule("float", low=0.0)}
@@ -114,22 +131,20 @@ class KFAC(LayerwiseOptimizer):
         return directions
 
     # -- state ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The first-order optimizer's state plus the factors and inverses this rank keeps
-        (by layer name) and the counters."""
+    def _extra_state(self) -> dict[str, Any]:
+        """The factors and inverses this rank keeps (by layer name) and the counters."""
         core = self.core.state_dict()
         names = self.capture.names
-        return self._state({
+        return {
             "method": self.core.method,
             "factor_updates": core["factor_updates"],
             "inverse_updates": core["inverse_updates"],
             "missing": {names[k]: v for k, v in core["missing"].items()},
             "factors": {names[k]: {key: self._host(v) for key, v in item.items()}
                         for k, item in core["factors"].items()},
-        })
+        }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        ours = self._check_state(state_dict)
+    def _load_extra(self, ours: dict[str, Any]) -> None:
         if ours["method"] != self.core.method:
             raise ValueError(f"the saved state is for method={ours['method']!r}, this "
                              f"optimizer uses {self.core.method!r}")
@@ -140,4 +155,3 @@ class KFAC(LayerwiseOptimizer):
             "missing": {index[n]: v for n, v in ours["missing"].items()},
             "factors": {index[n]: item for n, item in ours["factors"].items()},
         })
-        self._finish_load(state_dict, ours)

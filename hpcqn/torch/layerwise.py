@@ -3,7 +3,8 @@ share: the layer hooks (:class:`hpcqn.torch.capture.LayerCapture`), the checks o
 model's parameters, the first-order optimizer that takes the preconditioned gradients
 (its ``param_groups`` are this optimizer's, so learning-rate schedulers work), the
 gradient averaging over the communicator, writing preconditioned gradients back, the
-report of layers that recorded nothing, the phase timer and the ``state_dict`` envelope.
+report of layers that recorded nothing, the phase timer and the torch-shaped
+``state_dict`` (:mod:`hpcqn.torch.conventions`).
 
 A step of a subclass:
 
@@ -44,6 +45,7 @@ from .. import backend, options
 from ..comm import Communicator, get_comm
 from ..options import Rule
 from ..timing import PhaseTimer, phase
+from . import conventions
 from .capture import LayerCapture, grad_matrix, set_grad_matrix
 from .data import average_gradients, check_finite_parameters, check_same_parameters
 from .lamb import LAMB
@@ -68,7 +70,7 @@ def first_order(name: str, params: list[torch.Tensor], lr: float,
                      f"got {name!r}")
 
 
-class LayerwiseOptimizer(torch.optim.Optimizer):
+class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
     """Base class. Subclasses build ``self.core`` (a
     :class:`hpcqn.optimizers.layerwise.LayerwisePreconditioner`) in ``_build_core`` and
     implement ``capturing``, ``_update_curvature`` and the ``state_dict`` parts.
@@ -91,14 +93,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         dtypes = {p.dtype for p in params}
         devices = {p.device for p in params}
-        if len(dtypes) != 1 or len(devices) != 1:
-            raise TypeError(f"{self.kind} needs all parameters on one device with one dtype, "
-                            f"got dtypes {sorted(map(str, dtypes))} and devices "
-                            f"{sorted(map(str, devices))}")
+        if len(devices) != 1:
+            raise TypeError(f"{self.kind} needs all parameters on one device, got devices "
+                            f"{sorted(map(str, devices))}; move the model with model.to(device)")
+        if len(dtypes) != 1:
+            raise TypeError(f"{self.kind} needs all parameters in one dtype, got dtypes "
+                            f"{sorted(map(str, dtypes))}; convert the model with "
+                            f"model.to(dtype) (e.g. model.double())")
         dtype = dtypes.pop()
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{self.kind} needs float32 or float64 parameters, got {dtype}; "
-                            f"keep float32 weights and use torch.autocast for half precision")
+                            f"keep float32 weights (model.float()) and use torch.autocast "
+                            f"for half precision")
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise TypeError("grad_scaler must have get_scale() (a torch.amp.GradScaler)")
         self.grad_scaler = grad_scaler
@@ -113,11 +119,33 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         else:
             raise TypeError(f"optimizer must be one of {OPTIMIZERS} or a "
                             f"torch.optim.Optimizer, got {type(optimizer).__name__}")
-        super().__init__(self.inner.param_groups, {})  # the same group dicts: shared lr
+        self._building = True
+        super().__init__(self.inner.param_groups, {})
+        self._building = False
+        # The inner optimizer's groups, state and defaults are this optimizer's: schedulers
+        # (lr, momentum/betas) and opt.state[p] reach the inner optimizer.
+        self._share_inner()
         self.steps = 0
         self.timer: PhaseTimer | None = None
         self._reported: set[str] = set()
         self._params = params
+
+    def _share_inner(self) -> None:
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+        self.defaults = self.inner.defaults
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only during construction: the parameters are the model's, given at
+        construction (``ValueError`` otherwise, naming the alternative)."""
+        if getattr(self, "_building", False):
+            super().add_param_group(param_group)
+            return
+        raise ValueError(f"hpcqn.torch.{self.kind} optimizes the parameters of the model it "
+                         f"was built with; for several parameter groups (own lr, "
+                         f"weight_decay, ...) pass optimizer=torch.optim.SGD([{{'params': "
+                         f"...}}, ...]) (any torch.optim.Optimizer over the model's "
+                         f"parameters) at construction")
 
     def _start(self, given: Mapping[str, Any], optimizer_options: Any = None) -> None:
         """The end of a subclass's ``__init__``: same options and model on every rank (one
@@ -179,13 +207,25 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                               f"rank (or non-finite statistics) at step {self.steps}; their "
                               f"factors are not updated then", RuntimeWarning, stacklevel=4)
 
+    @torch._disable_dynamo
     @torch.no_grad()
-    def step(self, closure: Any = None, loss: Any = None) -> None:  # type: ignore[override]
-        """One step from the gradients in ``.grad`` (this rank's part of the batch)."""
+    def step(self, closure: Any = None, loss: Any = None) -> Any:  # type: ignore[override]
+        """One step from the gradients in ``.grad`` (this rank's part of the batch).
+
+        ``closure``: as torch's, called under ``torch.enable_grad()`` (it computes the loss
+        and calls ``backward()``); its loss is returned (and is MKOR-H's ``loss`` when
+        ``loss`` is not given). ``torch.compile(opt.step)`` runs this step eagerly (it
+        calls NumPy and MPI: dynamo is disabled for it)."""
+        result = None
         if closure is not None:
-            raise TypeError(f"{self.kind}.step does not take a closure: call backward() "
-                            f"first, then step()")
+            result = conventions.call_closure(closure, f"hpcqn.torch.{self.kind}")
+            if loss is None:
+                loss = result
         self._check_loss(loss)
+        self._step(loss)
+        return result
+
+    def _step(self, loss: Any) -> None:
         with phase(self.timer, "communication"):  # the flat-buffer copies count here too
             # Finite or not: the same answer on every rank (checked after the allreduce).
             take = average_gradients(self.capture.params() + self._other_params(),
@@ -201,10 +241,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._check_parameters()
             return
         with phase(self.timer, "update"):
-            self.inner.step()
+            conventions.step_without_global_hooks(self.inner)
+            self._count_step()
         self._after_step(loss)
         self.steps += 1
         self.capture.active = self.preconditioning and self.capturing(self.steps)
+
+    def _count_step(self) -> None:
+        """A ``"step"`` count in ``opt.state[p]`` for every parameter that took one, where
+        the first-order optimizer keeps none (SGD)."""
+        if not isinstance(self.inner, torch.optim.SGD):
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    entry = self.state[p]
+                    entry["step"] = entry.get("step", 0) + 1
 
     def _check_loss(self, loss: Any) -> None:
         """Subclasses that need ``step(loss=...)`` raise here when it is missing."""
@@ -236,34 +288,47 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     set_grad_matrix(module, torch.from_dlpack(d))
 
     # -- state ---------------------------------------------------------------------------
-    def _host(self, value: Any) -> Any:
-        return backend.to_host(value) if hasattr(value, "shape") else value
+    def _extra_state(self) -> dict[str, Any]:
+        """The subclass's part of hpcqn's state (arrays as NumPy)."""
+        raise NotImplementedError
 
-    def _state(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """The envelope every subclass's ``state_dict`` shares."""
-        return {"inner": self.inner.state_dict(),
-                "hpcqn": {"kind": self.kind, "steps": self.steps, "layers": self.capture.names,
-                          "shapes": [list(s) for s in self.core.shapes],
-                          "placement": self.core.placement,
-                          "skipped_steps": self.core.skipped_steps, **extra}}
+    def _load_extra(self, ours: dict[str, Any]) -> None:
+        """Restore :meth:`_extra_state` (after the checks)."""
+        raise NotImplementedError
 
-    def _check_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """The ``hpcqn`` part of a saved state, after checking it fits this model."""
-        ours = state_dict.get("hpcqn") if isinstance(state_dict, dict) else None
-        if not ours or ours.get("kind") != self.kind:
-            raise ValueError(f"not an hpcqn.torch.{self.kind} state_dict")
+    def state_dict(self) -> dict[str, Any]:
+        """torch-shaped: ``{"state", "param_groups"}``, the first-order optimizer's own
+        state dict with hpcqn's state (step counter, the factors this rank keeps, by layer
+        name, ...) nested under ``["state"][0]["hpcqn"]`` as tensors
+        (:mod:`hpcqn.torch.conventions`); ``torch.save``/``torch.load`` work, and the
+        state-dict hooks run."""
+        ours = {"kind": self.kind, "steps": self.steps, "layers": self.capture.names,
+                "shapes": [list(s) for s in self.core.shapes],
+                "placement": self.core.placement,
+                "skipped_steps": self.core.skipped_steps, **self._extra_state()}
+        return conventions.pack(self, ours, base=self.inner.state_dict())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (also the earlier layout with top-level ``"inner"``
+        and ``"hpcqn"``); the load-state-dict hooks run."""
+        what = f"hpcqn.torch.{self.kind}"
+        inner, ours = conventions.unpack(self, state_dict, what, legacy_torch_key="inner")
+        if not isinstance(ours, dict) or ours.get("kind") != self.kind:
+            raise ValueError(f"not an {what} state_dict")
         names = self.capture.names
         if list(ours["layers"]) != names or [tuple(s) for s in ours["shapes"]] != [
                 tuple(s) for s in self.core.shapes]:
             raise ValueError(f"the saved state is for layers {list(ours['layers'])} with shapes "
                              f"{ours['shapes']}, this model has {names} with shapes "
                              f"{[list(s) for s in self.core.shapes]}")
-        return ours
-
-    def _finish_load(self, state_dict: dict[str, Any], ours: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict["inner"])
-        self.param_groups = self.inner.param_groups  # torch replaced the group dicts
+        self._load_extra(ours)
+        self.inner.load_state_dict(inner)
+        self._share_inner()  # torch replaced the group dicts and the state
         self.steps = int(ours["steps"])
         self.core.skipped_steps = int(ours.get("skipped_steps", 0))
         self.capture.clear()
         self.capture.active = self.preconditioning and self.capturing(self.steps)
+        conventions.run_load_post_hooks(self)
+
+    def _host(self, value: Any) -> Any:
+        return backend.to_host(value) if hasattr(value, "shape") else value

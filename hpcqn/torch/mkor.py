@@ -47,7 +47,26 @@ __all__ = ["MKOR", "OPTIMIZERS", "first_order"]
 
 class MKOR(LayerwiseOptimizer):
     """MKOR / MKOR-H for ``model`` (see the module docs); ``**core_options``: those of
-    :class:`hpcqn.optimizers.mkor.MKOR`."""
+    :class:`hpcqn.optimizers.mkor.MKOR`.
+
+    torch conventions (:mod:`hpcqn.torch.conventions`): ``param_groups``, ``state`` and
+    ``defaults`` are the first-order optimizer's (schedulers, ``OneCycleLR``'s momentum
+    too, reach it; ``opt.state[p]`` holds its state and a ``"step"`` count);
+    ``step(closure)`` follows torch's contract (the closure must return the loss tensor);
+    ``state_dict()`` is ``{"state", "param_groups"}`` of tensors and plain values, with
+    hpcqn's state under ``["state"][0]["hpcqn"]``. Where they cannot hold: the parameters
+    are the model's, fixed at construction (``add_param_group`` raises ``ValueError``: for
+    several groups with their own ``lr``/``weight_decay`` pass ``optimizer=`` a
+    ``torch.optim`` optimizer built over those groups); parameters must be float32 or
+    float64, all of one dtype (half precision raises ``TypeError``: keep float32 weights
+    with ``model.float()`` and use ``torch.autocast``; mixed dtypes: ``model.to(dtype)``);
+    the hooks live on the model, so ``copy.deepcopy(opt)`` alone copies the model with it
+    (copy both with ``copy.deepcopy([model, opt])``), and pickling raises ``TypeError``
+    (save ``state_dict()`` with ``torch.save`` and ``load_state_dict`` it into a new
+    optimizer); ``torch.compile(opt.step)`` runs the step eagerly (it calls NumPy and
+    MPI, so dynamo is disabled for it).
+    With ``hybrid=True`` and ``step(closure)``, the closure's loss is the switch's when
+    ``loss=`` is not given."""
 
     kind = "MKOR"
     OPTION_RULES = {
@@ -132,12 +151,11 @@ class MKOR(LayerwiseOptimizer):
                   f"{self.switch.switched_at}", flush=True)
 
     # -- state ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The first-order optimizer's state plus the factors this rank keeps (by layer
-        name), step counter and hybrid-switch state."""
+    def _extra_state(self) -> dict[str, Any]:
+        """The factors this rank keeps (by layer name) and the hybrid-switch state."""
         core = self.core.state_dict()
         names = self.capture.names
-        return self._state({
+        return {
             "updates": core["updates"],
             "missing": {names[k]: v for k, v in core["missing"].items()},
             "factors": {names[k]: {side: {key: self._host(value)
@@ -145,10 +163,9 @@ class MKOR(LayerwiseOptimizer):
                                    for side, factor in pair.items()}
                         for k, pair in core["factors"].items()},
             "hybrid": None if self.switch is None else self.switch.state_dict(),
-        })
+        }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        ours = self._check_state(state_dict)
+    def _load_extra(self, ours: dict[str, Any]) -> None:
         if (ours["hybrid"] is None) != (self.switch is None):
             raise ValueError("the saved state and this optimizer differ in hybrid=")
         index = {name: k for k, name in enumerate(self.capture.names)}
@@ -159,4 +176,3 @@ class MKOR(LayerwiseOptimizer):
         })
         if self.switch is not None:
             self.switch.load_state_dict(ours["hybrid"])
-        self._finish_load(state_dict, ours)

@@ -11,9 +11,19 @@ and autograd accumulates into it in place). The core optimizer sees both through
 * the parameters: owners update their segment in place, and one in-place ``allgatherv``
   writes the other ranks' segments straight into the model: no copy.
 
-Copies that remain: when something replaced a ``.grad`` (``model.zero_grad()`` sets them
-to None, after which autograd allocates new tensors) the step copies those gradients
-into the flat buffer once and re-attaches the views.
+Copies that remain: when something replaced a ``.grad`` (``zero_grad()``, torch's and
+this optimizer's, sets them to None by default, after which autograd allocates new
+tensors) a post-accumulate-grad hook (or, for anything else, the step) copies those
+gradients into the flat buffer once and re-attaches the views;
+``zero_grad(set_to_none=False)`` keeps the views attached and saves that copy.
+
+torch conventions (:mod:`hpcqn.torch.conventions`): a parameter whose ``.grad`` is None
+at ``step()`` does not move (as in ``torch.optim``; with several ranks only a parameter
+that does not require a gradient counts as frozen so, since a None gradient may be one
+rank's alone: there it counts as a zero gradient in the average); ``step(closure)``;
+``opt.state[p]["step"]``; a ``{"state", "param_groups"}`` state dict of tensors;
+``copy.deepcopy``; the group's ``"momentum"`` is the core's ``direction_momentum``, read
+at every step (so ``OneCycleLR``'s momentum cycling drives it).
 
 Agreement between ranks: at construction every declared option, the blocks and the model
 (the parameters' count, shapes, dtypes and values) are checked in one small reduction
@@ -38,6 +48,7 @@ from ..layout import BlockLayout
 from ..optimizers.mlbfgs import MLBFGS as CoreMLBFGS
 from ..options import Rule
 from ..timing import PhaseTimer
+from . import conventions
 from .data import check_finite_parameters, check_same_parameters, model_description
 
 # What the bridge forwards to the core: every core option but these (lr and weight_decay
@@ -71,15 +82,28 @@ def layer_blocks(params: Sequence[torch.Tensor], max_block_size: int | None = No
     return counts
 
 
-class MLBFGS(torch.optim.Optimizer):
+class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
     """mL-BFGS for a torch model, data-parallel over ``comm`` (see the module docs).
 
     ``blocks``: how many consecutive parameters form each block (a list of counts), or
     None for one block per layer (:func:`layer_blocks`, capped by ``max_block_size``).
     The other options are those of :class:`hpcqn.MLBFGS` (all of them but ``mode``:
-    ``OPTIONS_FROM``), ``damping`` the deprecated name of ``pair_damping``; ``lr`` and
-    ``weight_decay`` live in ``param_groups`` (one group), so torch learning-rate
-    schedulers work.
+    ``OPTIONS_FROM``), ``damping`` the deprecated name of ``pair_damping``; ``lr``,
+    ``weight_decay`` and ``momentum`` (the core's ``direction_momentum``) live in
+    ``param_groups`` (one group) and are read at every step, so torch schedulers
+    (``OneCycleLR`` with ``cycle_momentum=True`` too) work.
+
+    Where torch's conventions cannot hold: there is one parameter group, since the core
+    takes one step size for all blocks (``add_param_group`` raises ``ValueError``: use
+    ``blocks=`` for the block structure, or :class:`hpcqn.torch.MKOR` /
+    :class:`hpcqn.torch.KFAC` with a ``torch.optim`` optimizer over several groups);
+    parameters must be float32 or float64, all of one dtype (half precision raises
+    ``TypeError``: keep float32 weights with ``model.float()`` and use ``torch.autocast``;
+    mixed dtypes: ``model.to(dtype)``); the optimizer cannot be pickled (``TypeError``:
+    save ``state_dict()`` with ``torch.save`` and ``load_state_dict`` it into a new one;
+    ``copy.deepcopy([model, opt])`` works within a process); ``step(closure)``'s closure
+    must return the loss tensor; ``torch.compile(opt.step)`` runs the step eagerly (it
+    calls NumPy and MPI, so dynamo is disabled for it).
 
     Every rank must build the same model and call ``step()`` once per step with its own
     minibatch gradient; the step averages the gradients over ranks.
@@ -103,10 +127,11 @@ class MLBFGS(torch.optim.Optimizer):
         **core_options: Any,
     ):
         given = options.validate(self, locals())
+        self._building = True
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self._building = False
         if len(self.param_groups) != 1:
-            raise ValueError("hpcqn.torch.MLBFGS takes one parameter group (pass "
-                             "model.parameters()); per-group options are not supported")
+            raise ValueError(ONE_GROUP)
         self.comm: Communicator = get_comm(comm)
         self.max_block_size = max_block_size
         params = [p for p in self.param_groups[0]["params"] if p.requires_grad]
@@ -136,6 +161,15 @@ class MLBFGS(torch.optim.Optimizer):
                               model=model_description(params), what="hpcqn.torch.MLBFGS")
         self.core = CoreMLBFGS(layout, self.comm, lr=lr, weight_decay=weight_decay,
                                **core_options)
+        self.defaults["momentum"] = self.core.direction_momentum
+        self.param_groups[0].setdefault("momentum", self.core.direction_momentum)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only the one group given at construction (``ValueError`` naming what to do)."""
+        if getattr(self, "_building", False):
+            super().add_param_group(param_group)
+            return
+        raise ValueError(ONE_GROUP)
 
     # -- storage ----------------------------------------------------------------------
     def _attach(self, ordered: list[list[torch.Tensor]], layout: BlockLayout) -> None:
@@ -145,6 +179,7 @@ class MLBFGS(torch.optim.Optimizer):
         self.flat_param = torch.empty(n, dtype=first.dtype, device=first.device)
         self.flat_grad = torch.zeros(n + nranks, dtype=first.dtype, device=first.device)
         self.views: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, its grad view)
+        self._slots: list[tuple[int, int]] = []  # (start in flat_param, in flat_grad)
         position = 0
         for block, group in enumerate(ordered):
             flag_slots_before = layout.owners[block]  # one per earlier rank segment
@@ -159,52 +194,124 @@ class MLBFGS(torch.optim.Optimizer):
                     grad.copy_(p.grad)
                 p.grad = grad
                 self.views.append((p, grad))
+                self._slots.append((position, start))
                 position += size
         self._x = backend.from_dlpack(self.flat_param.detach())
         self._send = backend.from_dlpack(self.flat_grad)
+        self._hook_gradients()
 
-    def _gather_gradients(self) -> None:
-        """Re-attach gradients that something replaced (or set to None: zero)."""
-        for p, grad in self.views:
+    def _hook_gradients(self) -> None:
+        """After ``zero_grad()`` set a ``.grad`` to None, autograd allocates a new one: a
+        post-accumulate-grad hook copies it into the flat buffer and re-attaches the view,
+        so the gradients are in the flat buffer right after ``backward()``."""
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(_AttachGrad(grad))
+                            for p, grad in self.views]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """After ``copy.deepcopy``: the copied parameters and gradients become views of
+        the copied flat tensors again."""
+        super().__setstate__(state)
+        views = []
+        for (p, _), (data_start, grad_start) in zip(self.views, self._slots, strict=True):
+            size = p.numel()
+            data = self.flat_param[data_start : data_start + size].view_as(p)
+            grad = self.flat_grad[grad_start : grad_start + size].view_as(p)
+            with torch.no_grad():
+                data.copy_(p.data)
+                if p.grad is not None:
+                    grad.copy_(p.grad)
+            p.data = data
+            if p.grad is not None:
+                p.grad = grad
+            views.append((p, grad))
+        self.views = views
+        self._x = backend.from_dlpack(self.flat_param.detach())
+        self._send = backend.from_dlpack(self.flat_grad)
+        self._hook_gradients()
+
+    def _gather_gradients(self) -> list[torch.Tensor]:
+        """Re-attach gradients that something replaced (copying them into the flat
+        buffer); a None gradient is a zero slice and leaves ``.grad`` None. Returns the
+        parameters that do not move this step (see the module docs)."""
+        frozen = []
+        serial = self.comm.size == 1
+        for (p, grad), (data_start, _) in zip(self.views, self._slots, strict=True):
+            if not _is_view_of(p, self.flat_param):  # .data replaced: take its values
+                data = self.flat_param[data_start : data_start + p.numel()].view_as(p)
+                data.copy_(p.data)
+                p.data = data
             if p.grad is None:
                 grad.zero_()
-                p.grad = grad
+                if serial or not p.requires_grad:
+                    frozen.append(p)
             elif p.grad.data_ptr() != grad.data_ptr():
                 grad.copy_(p.grad)
                 p.grad = grad
+        return frozen
 
     # -- torch.optim.Optimizer -----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the flat gradient in place (the views must stay attached, so
-        ``set_to_none`` is ignored)."""
+        """torch's: ``set_to_none=True`` (the default) sets every ``.grad`` to None (the
+        next backward's new gradients are copied into the flat buffer by a hook, and the
+        views re-attached); ``False`` zeroes the flat gradient in place, the views staying
+        attached (autograd accumulates into them: no copy)."""
+        if set_to_none:
+            for p, _ in self.views:
+                p.grad = None
+            return
         self.flat_grad.zero_()
+        for p, grad in self.views:
+            if p.grad is not None:
+                p.grad = grad
 
+    @torch._disable_dynamo
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        """One data-parallel mL-BFGS step from the gradients in ``.grad``."""
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One data-parallel mL-BFGS step from the gradients in ``.grad``; with
+        ``closure`` (torch's contract: called under ``torch.enable_grad()``, it computes the
+        loss, calls ``backward()`` and returns the loss) first calls it and returns its
+        loss."""
+        loss = None
         if closure is not None:
-            raise TypeError(
-                "hpcqn.torch.MLBFGS.step() takes no closure: compute the loss and call "
-                "backward() in the training loop, then step()"
-            )
-        self.prepare_step()
-        if not self.core.step_rank_major(self._x, self._send):  # skipped on every rank
+            loss = conventions.call_closure(closure, "hpcqn.torch.MLBFGS")
+        frozen = self.prepare_step()
+        kept = [(p, p.detach().clone()) for p in frozen]
+        taken = self.core.step_rank_major(self._x, self._send)
+        grads = {id(p): grad for p, grad in self.views}
+        for p, value in kept:
+            p.copy_(value)
+            p.grad = grads[id(p)]  # its zero slice (the next backward accumulates into it)
+        if not taken:  # skipped on every rank
             check_finite_parameters([("", p) for p in self._params], self.comm,
                                     "hpcqn.torch.MLBFGS")
+            return loss
+        moved = {id(p) for p in frozen}
+        for p in self._params:
+            if id(p) not in moved:
+                entry = self.state[p]
+                entry["step"] = entry.get("step", 0) + 1
+        return loss
 
-    def prepare_step(self) -> None:
+    def prepare_step(self) -> list[torch.Tensor]:
         """What the bridge does before the core step: re-attach gradients, hand the
-        group's ``lr`` and ``weight_decay`` to the core, mark the flag slots with whether
-        this rank's gradient is finite."""
-        self._gather_gradients()
+        group's ``lr``, ``weight_decay`` and ``momentum`` to the core, mark the flag slots
+        with whether this rank's gradient is finite. Returns the parameters that must not
+        move (None gradient)."""
+        frozen = self._gather_gradients()
         group = self.param_groups[0]
         self.core.lr = float(group["lr"])
         self.core.weight_decay = float(group["weight_decay"])
+        momentum = float(group.get("momentum", self.core.direction_momentum))
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"hpcqn.torch.MLBFGS: the group's momentum (the direction "
+                             f"momentum) must be in [0, 1), got {momentum}")
+        self.core.direction_momentum = momentum
         send = self._send
         self.core.write_flags(send, True)
         finite = backend.all_finite(send) if isinstance(send, np.ndarray) else bool(
             torch.isfinite(self.flat_grad).all())
         self.core.write_flags(send, finite)
+        return frozen
 
     @property
     def timer(self) -> PhaseTimer | None:
@@ -221,27 +328,63 @@ class MLBFGS(torch.optim.Optimizer):
         return self.core.skipped_steps
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state (param groups) plus this rank's curvature state per block, keyed
-        by the block's position in parameter order (independent of the rank count)."""
-        state = super().state_dict()
+        """torch-shaped (``{"state", "param_groups"}``, tensors and plain values only):
+        torch's per-parameter ``"step"`` counts and param groups, and under
+        ``["state"][0]["hpcqn"]`` this rank's curvature state per block, keyed by the
+        block's position in parameter order (independent of the rank count)."""
         core = self.core.state_dict()
         core["blocks"] = {self.block_ids[b]: s for b, s in core["blocks"].items()}
-        state["hpcqn"] = {"core": core, "owners": list(self.parameter_layout.owners),
-                          "sizes": list(self.parameter_layout.sizes)}
-        return state
+        ours = {"core": core, "owners": list(self.parameter_layout.owners),
+                "sizes": list(self.parameter_layout.sizes)}
+        return conventions.pack(self, ours)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict["hpcqn"]
+        """Restore :meth:`state_dict` (also the earlier layout, with a top-level
+        ``"hpcqn"``); the load-state-dict hooks run."""
+        torch_state, saved = conventions.unpack(self, state_dict, "hpcqn.torch.MLBFGS")
         sizes = list(self.parameter_layout.sizes)
         if list(saved["sizes"]) != sizes:
             raise ValueError(f"the saved state has blocks of sizes {saved['sizes']}, this "
                              f"optimizer {sizes}: not the same model or blocks")
-        torch_state = {k: v for k, v in state_dict.items() if k != "hpcqn"}
-        super().load_state_dict(torch_state)
+        conventions.load_torch_part(self, torch_state)
+        for group in self.param_groups:
+            group.setdefault("momentum", self.core.direction_momentum)
         core = dict(saved["core"])
         position = {old: new for new, old in enumerate(self.block_ids)}
         core["blocks"] = {position[int(b)]: s for b, s in core["blocks"].items()}
         self.core.load_state_dict(core)
+        conventions.run_load_post_hooks(self)
+
+
+ONE_GROUP = ("hpcqn.torch.MLBFGS takes one parameter group (pass model.parameters()): the "
+             "core takes one lr and weight_decay for all blocks; set the block structure "
+             "with blocks=, or use hpcqn.torch.MKOR / hpcqn.torch.KFAC with a torch.optim "
+             "optimizer over several groups for per-group options")
+
+
+class _AttachGrad:
+    """The post-accumulate-grad hook of one parameter (a class, so deepcopy and pickle of
+    the model see no local function): a new ``.grad`` is copied into the parameter's
+    slice of the flat gradient, which becomes ``.grad`` again."""
+
+    def __init__(self, view: torch.Tensor):
+        self.view = view
+
+    def __call__(self, p: torch.Tensor) -> None:
+        grad = p.grad
+        if grad is None or grad.data_ptr() == self.view.data_ptr():
+            return
+        if grad.shape != self.view.shape or grad.dtype != self.view.dtype or grad.is_sparse:
+            return  # not ours to handle: the step copies it
+        with torch.no_grad():
+            self.view.copy_(grad)
+        p.grad = self.view
+
+
+def _is_view_of(p: torch.Tensor, flat: torch.Tensor) -> bool:
+    start = flat.data_ptr()
+    end = start + flat.numel() * flat.element_size()
+    return start <= p.data_ptr() < end
 
 
 def _check_uniform(params: list[torch.Tensor]) -> None:
@@ -252,6 +395,10 @@ def _check_uniform(params: list[torch.Tensor]) -> None:
                         f"hpcqn.torch.MLBFGS needs them on one")
     if len(dtypes) > 1:
         raise TypeError(f"parameters have several dtypes ({sorted(dtypes)}); "
-                        f"hpcqn.torch.MLBFGS needs one")
-    if dtypes.pop() not in ("torch.float32", "torch.float64"):
-        raise TypeError("hpcqn.torch.MLBFGS needs float32 or float64 parameters")
+                        f"hpcqn.torch.MLBFGS needs one: convert the model with "
+                        f"model.to(dtype) (e.g. model.double())")
+    dtype = dtypes.pop()
+    if dtype not in ("torch.float32", "torch.float64"):
+        raise TypeError(f"hpcqn.torch.MLBFGS needs float32 or float64 parameters, got "
+                        f"{dtype}: keep float32 weights (model.float()) and use "
+                        f"torch.autocast for half precision")
