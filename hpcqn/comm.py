@@ -29,6 +29,7 @@ import ctypes
 import functools
 import os
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -588,16 +589,22 @@ def get_comm(comm: Any = None) -> Communicator:
 
 
 @contextlib.contextmanager
-def abort_on_failure(comm: Any = None, code: int = EXIT_FAILED) -> Any:
+def abort_on_failure(comm: Any = None, code: int = EXIT_FAILED,
+                     finish_within: float | None = None) -> Any:
     """No rank left hanging: any exception (``KeyboardInterrupt``, ``SystemExit`` and an
     out-of-memory error included) that leaves the block on one rank while the others may
     be waiting in a collective ends every rank: its traceback is printed once, by the
     failing rank, and the communicator is aborted with exit code ``code``. An error every
     rank already knows of (one hpcqn agreed on in a reduction, such as
     :class:`RemoteRankError`, or an ordinary stop of the run) passes through unchanged.
-    Yields the :class:`Communicator`::
 
-        with hpcqn.abort_on_failure() as comm:
+    With ``finish_within`` (seconds), the ranks also agree that every one of them reached
+    the end of the block: a rank that is still inside a collective (it took one step more
+    than the others, or waits for a message nobody sends) is found, and every rank is
+    aborted, when the others have waited that long for it. Yields the
+    :class:`Communicator`::
+
+        with hpcqn.abort_on_failure(finish_within=60) as comm:
             for batch in loader:           # a user-written training loop
                 ...
     """
@@ -610,6 +617,18 @@ def abort_on_failure(comm: Any = None, code: int = EXIT_FAILED) -> Any:
             raise
         text = "".join(traceback.format_exception(exc)).rstrip()
         c.abort(f"failed; stopping every rank:\n{text}", code)
+    if finish_within is not None and c._parallel:
+        watchdog = threading.Timer(finish_within, c.abort, kwargs={
+            "message": f"reached the end of the block, but another rank did not within "
+                       f"{finish_within:g} s (it is still inside a collective: one step "
+                       f"more than this rank, or a message nobody sends); stopping every "
+                       f"rank", "code": code})
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            c.allreduce_scalars([], [])
+        finally:
+            watchdog.cancel()
 
 
 def library_version() -> str | None:

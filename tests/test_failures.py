@@ -32,10 +32,11 @@ comm = hpcqn.get_comm()
 make = {"mlbfgs": lambda: hpcqn.torch.MLBFGS(model.parameters(), comm, lr=0.1),
         "mkor": lambda: hpcqn.torch.MKOR(model, comm, lr=0.1),
         "kfac": lambda: hpcqn.torch.KFAC(model, comm, lr=0.1)}[method]
-with hpcqn.abort_on_failure(comm):
+with hpcqn.abort_on_failure(comm, finish_within=5):
     opt = make()
     x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
-    for step in range(1000):
+    steps = 20 if kind in ("extra", "none") else 1000
+    for step in range(steps + (1 if kind == "extra" and comm.rank == bad_rank else 0)):
         opt.zero_grad()
         if comm.rank == bad_rank and step == bad_step:
             if kind == "error":
@@ -44,7 +45,8 @@ with hpcqn.abort_on_failure(comm):
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             if kind == "interrupt":
                 raise KeyboardInterrupt
-            sys.exit(5)
+            if kind == "exit":
+                sys.exit(5)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 print("finished", comm.rank, flush=True)
@@ -100,6 +102,25 @@ def test_out_of_memory_interrupt_or_exit_on_one_rank_stops_every_rank(kind):
                 "exit": "SystemExit: 5"}[kind]
     assert expected in out.stderr
     assert "finished" not in out.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_one_extra_step_on_one_rank_is_found_at_the_end_of_the_block(ranks):
+    """Rank 1 steps once more than the others: it waits in the step's reduce-scatter,
+    they wait at the block's end; finish_within (5 s here) aborts every rank."""
+    out, seconds = launch(ranks, USER_LOOP, "mlbfgs", "1", "-1", "extra")
+    assert seconds < LIMIT, out.stderr
+    assert out.returncode == 4
+    assert "another rank did not within 5 s" in out.stderr
+    assert "finished" not in out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_clean_run_passes_the_end_of_block_agreement():
+    out, seconds = launch(2, USER_LOOP, "mkor", "1", "-1", "none")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("finished") == 2 and seconds < LIMIT
 
 
 @pytest.mark.timeout(120)

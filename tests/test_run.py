@@ -65,3 +65,19 @@ def test_a_stop_from_an_epoch_end_callback_is_agreed_and_ends_the_run():
         options={"blocks": problem.block_sizes, "disp": False, "epochs": 3, "lr": 0.1},
         callback=stop_after_first_epoch)
     assert res.status == 99 and res.nepochs == 1
+
+
+def test_sigint_sets_the_stop_flag_and_a_second_one_interrupts():
+    """Ctrl-C is a stop like SIGTERM (a flag, no KeyboardInterrupt); the second one on the
+    same rank is a hard stop. Real signals to this process."""
+    import os
+    import signal
+
+    from hpcqn.signals import StopFlag
+
+    with StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
