@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from procs import MPIEXEC, ROOT, hpcqn
 
+from hpcqn.cli import run_command
 from hpcqn.comm import serial_comm
 from hpcqn.experiments.jobs import (
     JOB_KINDS,
@@ -134,7 +135,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 @pytest.mark.parametrize("name,text,fragments", BAD, ids=[b[0] for b in BAD])
-def test_bad_job_file_in_process(tmp_path, name, text, fragments):
+def test_bad_job_file_in_process(tmp_path, capsys, name, text, fragments):
     """Checked before any work: a JobError naming the file and the key, and no run
     directory (the in-process run goes through the same checks as ``hpcqn run``)."""
     job = write(tmp_path, name, text)
@@ -144,6 +145,14 @@ def test_bad_job_file_in_process(tmp_path, name, text, fragments):
     assert str(job) in message and "\n" not in message
     for fragment in fragments:
         assert fragment in message, message
+    assert not (tmp_path / "run").exists()
+    # The command line's own path, in this process: exit 2, one line naming the key.
+    capsys.readouterr()
+    assert run_command(str(job), str(tmp_path / "run" / "summary.json")) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith("hpcqn run: error: ") and all(
+        fragment in captured.err for fragment in fragments), captured.err
     assert not (tmp_path / "run").exists()
 
 
