@@ -618,7 +618,8 @@ def abort_on_failure(comm: Any = None, code: int = EXIT_FAILED,
         text = "".join(traceback.format_exception(exc)).rstrip()
         c.abort(f"failed; stopping every rank:\n{text}", code)
     if finish_within is not None and c._parallel:
-        watchdog = threading.Timer(finish_within, c.abort, kwargs={
+        # Staggered by rank, so that one rank (the lowest waiting) aborts: one message.
+        watchdog = threading.Timer(finish_within + 1.0 * c.rank, c.abort, kwargs={
             "message": f"reached the end of the block, but another rank did not within "
                        f"{finish_within:g} s (it is still inside a collective: one step "
                        f"more than this rank, or a message nobody sends); stopping every "

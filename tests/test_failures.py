@@ -80,8 +80,8 @@ def launch(ranks: int, script: str, *args: str) -> tuple[subprocess.CompletedPro
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("method", ["mlbfgs", "mkor", "kfac"])
+@pytest.mark.parametrize("method, ranks", [("mlbfgs", 2), ("mkor", 2), ("kfac", 2),
+                                           ("mlbfgs", 3)])
 def test_a_rank_failing_in_its_forward_stops_every_rank(method, ranks):
     out, seconds = launch(ranks, USER_LOOP, method, "1", "5", "error")
     assert seconds < LIMIT, out.stderr
@@ -111,8 +111,10 @@ def test_one_extra_step_on_one_rank_is_found_at_the_end_of_the_block(ranks):
     they wait at the block's end; finish_within (5 s here) aborts every rank."""
     out, seconds = launch(ranks, USER_LOOP, "mlbfgs", "1", "-1", "extra")
     assert seconds < LIMIT, out.stderr
-    assert out.returncode == 4
-    assert "another rank did not within 5 s" in out.stderr
+    # MPI_Abort(4); MPICH's mpiexec usually exits 4 but may report the SIGKILL it sent
+    # the other ranks (9) instead.
+    assert out.returncode in (4, 9), out.stdout + out.stderr
+    assert out.stderr.count("another rank did not within 5 s") == 1
     assert "finished" not in out.stdout
 
 
@@ -142,7 +144,7 @@ name = "interrupted"
 name = "mlp"
 hidden = 16
 [train]
-epochs = 8
+epochs = 30
 batch_size = 64
 [methods.sgd]
 lr = 0.05
@@ -163,7 +165,7 @@ def test_ctrl_c_on_mpiexec_is_an_agreed_stop_with_a_checkpoint(tmp_path):
     lines = []
     for line in launcher.stdout:  # wait until training runs
         lines.append(line)
-        if "epoch   2" in line:
+        if "epoch   1" in line:
             break
     start = time.perf_counter()
     launcher.send_signal(signal.SIGINT)
@@ -204,7 +206,7 @@ def test_out_of_memory_on_one_rank_inside_hpcqn_run_exits_4(tmp_path):
     job.write_text(JOB)
     out, seconds = launch(2, RUN_WITH_FAULT, str(job), "oom", str(tmp_path / "run" / "s.json"))
     assert seconds < LIMIT, out.stderr
-    assert out.returncode == 4, out.stdout + out.stderr
+    assert out.returncode in (4, 9), out.stdout + out.stderr  # 9: see the test above
     assert out.stderr.count("simulated on rank 1 at step 30") >= 1
     assert out.stderr.count("hpcqn: rank 1 of 2: failed") == 1
 
@@ -216,7 +218,7 @@ def test_rank_0_failing_to_write_its_metrics_stops_every_rank(tmp_path):
     (tmp_path / "run" / "sgd.jsonl").mkdir(parents=True)  # rank 0 cannot write its metrics
     out, seconds = launch(2, RUN_WITH_FAULT, str(job), "none", str(tmp_path / "run" / "s.json"))
     assert seconds < LIMIT, out.stderr
-    assert out.returncode == 4, out.stdout + out.stderr
+    assert out.returncode in (4, 9), out.stdout + out.stderr  # 9: see the test above
     assert "IsADirectoryError" in out.stderr and out.stderr.count("hpcqn: rank 0 of 2") == 1
 
 
@@ -225,7 +227,7 @@ def test_job_files_that_differ_between_ranks_are_refused(tmp_path):
     """MPMD launch, one job file per rank: exit 2 before any training, one line."""
     first, second = tmp_path / "a.toml", tmp_path / "b.toml"
     first.write_text(JOB)
-    second.write_text(JOB.replace("epochs = 8", "epochs = 9"))
+    second.write_text(JOB.replace("epochs = 30", "epochs = 31"))
     command = [MPIEXEC, "-n", "1", sys.executable, "-m", "hpcqn", "run", str(first), ":",
                "-n", "1", sys.executable, "-m", "hpcqn", "run", str(second)]
     start = time.perf_counter()
