@@ -29,6 +29,7 @@ from hpcqn import checkpoint as ck
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoint_tampering as tamper  # noqa: E402
+from test_checkpoint import assert_same  # noqa: E402
 
 SERIAL = hpcqn.serial_comm()
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,21 +42,6 @@ def expected_two_ranks():
     return merged
 
 
-def assert_same(a, b):
-    assert type(a) is type(b), (a, b)
-    if isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_same(x, y)
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(a, b)
-    else:
-        assert a == b
 
 
 def refused(base, expected):

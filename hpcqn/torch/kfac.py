@@ -46,22 +46,8 @@ class KFAC(LayerwiseOptimizer):
     :class:`hpcqn.optimizers.kfac.KFAC` (``factor_freq``, ``inv_freq``, ``factor_decay``,
     ``damping``, ``method``, ``placement``).
 
-    torch conventions (:mod:`hpcqn.torch.conventions`): ``param_groups``, ``state`` and
-    ``defaults`` are the first-order optimizer's (schedulers, ``OneCycleLR``'s momentum
-    too, reach it; ``opt.state[p]`` holds its state and a ``"step"`` count);
-    ``step(closure)`` follows torch's contract (the closure must return the loss tensor);
-    ``state_dict()`` is ``{"state", "param_groups"}`` of tensors and plain values, with
-    hpcqn's state under ``["state"][0]["hpcqn"]``. Where they cannot hold: the parameters
-    are the model's, fixed at construction (``add_param_group`` raises ``ValueError``: for
-    several groups with their own ``lr``/``weight_decay`` pass ``optimizer=`` a
-    ``torch.optim`` optimizer built over those groups); parameters must be float32 or
-    float64, all of one dtype (half precision raises ``TypeError``: keep float32 weights
-    with ``model.float()`` and use ``torch.autocast``; mixed dtypes: ``model.to(dtype)``);
-    the hooks live on the model, so ``copy.deepcopy(opt)`` alone copies the model with it
-    (copy both with ``copy.deepcopy([model, opt])``), and pickling raises ``TypeError``
-    (save ``state_dict()`` with ``torch.save`` and ``load_state_dict`` it into a new
-    optimizer); ``torch.compile(opt.step)`` runs the step eagerly (it calls NumPy and
-    MPI, so dynamo is disabled for it)."""
+    Torch conventions, and where they cannot hold: see
+    :class:`hpcqn.torch.layerwise.LayerwiseOptimizer`."""
 
     kind = "KFAC"
     OPTION_RULES = {"kl_clip": Rule("float", low=0.0)}
