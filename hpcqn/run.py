@@ -49,16 +49,22 @@ class CheckpointPolicy:
                 raise ValueError(f"checkpoint {name} must be an integer >= {low}, got {value!r}")
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """A configuration as ``{"section.key": repr(value)}``: comparable, storable in a
-    checkpoint whatever the values are, and differences can be named key by key."""
-    out: dict[str, str] = {}
+def _text(value: Any) -> str:
+    return repr(tuple(value) if isinstance(value, list) else value)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "",
+            leaf: Callable[[Any], Any] = _text) -> dict[str, Any]:
+    """A configuration as ``{"section.key": leaf(value)}``; by default the value's repr
+    (lists as tuples): comparable, storable in a checkpoint whatever the values are, and
+    differences can be named key by key."""
+    out: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten(value, name + "."))
+            out.update(flatten(value, name + ".", leaf))
         else:
-            out[name] = repr(tuple(value) if isinstance(value, list) else value)
+            out[name] = leaf(value)
     return out
 
 

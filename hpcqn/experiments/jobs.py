@@ -71,6 +71,7 @@ from ..layout import BlockLayout
 from ..minimize import minimize
 from ..optimizers.lbfgs import LBFGSOptions
 from ..options import Option, OptionError, Rule
+from ..run import flatten
 from ..signals import EXIT_PREEMPTED, Preempted
 from ..stochastic import SCHEDULES, minimize_stochastic
 from .problems import PROBLEMS, DigitsSoftmax, make_problem, parameters
@@ -333,14 +334,9 @@ def load_job(path: str | Path) -> dict[str, Any]:
     return validate(_read(path), path)
 
 
-def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"section.key": value}``, the values as they are (compared with ``==``)."""
+    return flatten(config, leaf=lambda value: value)
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
