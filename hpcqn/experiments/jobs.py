@@ -783,7 +783,9 @@ def _prepare_stochastic(path: Path, config: dict[str, Any], c: Communicator) -> 
         for method, options in methods.items():
             checkpoints = run_dir.checkpoints / method
             metrics = run_dir.path / f"{method}.jsonl"
-            done = _resumed_records(metrics, checkpoints)
+            # Rank 0 reads them (it rewrites the file next): every rank gets its records.
+            done = c.bcast_object(_resumed_records(metrics, checkpoints) if c.rank == 0
+                                  else None)
             record: dict[str, Any] = {"epochs": done, "steps_to_target": None}
             for r in done:
                 if record["steps_to_target"] is None and r["train_loss"] <= target:
