@@ -8,7 +8,7 @@ Layers (each imports only from those above it): ``backend`` (array namespace),
 
 from .comm import Communicator, RemoteRankError, abort_on_failure, get_comm, serial_comm
 from .layout import BlockLayout, SliceLayout, gather_global
-from .minimize import minimize, scipy_lbfgs
+from .minimize import Minimizer, minimize, scipy_lbfgs
 from .optimizers.first_order import SGD, Adam
 from .optimizers.lbfgs import FunctionError
 from .optimizers.mlbfgs import MLBFGS
@@ -29,6 +29,7 @@ __all__ = [
     "abort_on_failure",
     "gather_global",
     "get_comm",
+    "Minimizer",
     "minimize",
     "minimize_stochastic",
     "scipy_lbfgs",

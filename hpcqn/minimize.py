@@ -11,15 +11,17 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from scipy.optimize import OptimizeResult
 
 from . import backend
 from .comm import get_comm, serial_comm
 from .layout import gather_global
+from .optimizers.bounds import parse_bounds
 from .optimizers.lbfgs import CALLBACK_STOP, LBFGS, FunctionError, LBFGSOptions
 from .options import check, declared
 from .run import CheckpointPolicy, Driver
@@ -47,6 +49,9 @@ def minimize(
     stop: Any = None,
     resume: bool = True,
     keep: int = 2,
+    bounds: Any = None,
+    inner: Callable[[Any, Any], Any] | None = None,
+    H0: Callable[[Any], Any] | None = None,  # noqa: N803 - the usual name
 ) -> OptimizeResult:
     """Minimise ``sum over ranks of f_part`` with the distributed L-BFGS.
 
@@ -68,77 +73,225 @@ def minimize(
         when ``stop`` (a :class:`hpcqn.signals.StopFlag`) reports a signal on any rank,
         which then raises :class:`hpcqn.signals.Preempted`; with ``resume`` the run
         continues bitwise from the latest checkpoint there (same rank count and slices,
-        same options: anything else is a :class:`hpcqn.checkpoint.CheckpointError`).
+        same options and bounds: anything else is a
+        :class:`hpcqn.checkpoint.CheckpointError`).
+    bounds : ``(lo, hi)`` for this rank's slice (each None, a scalar or an array of
+        ``x0``'s shape, +-inf allowed; ranks may differ, some may pass None) or a
+        ``scipy.optimize.Bounds`` of the slice. ``x0`` is projected into the box; the
+        ``gtol`` test is then on L-BFGS-B's projected gradient; the method is a projected
+        L-BFGS (docs/algorithms.md, section 1.11). Bounds that bound nothing give the
+        unconstrained run exactly.
+    inner : ``inner(u, v)``, this rank's part of the inner product ``<u, v>`` (summed over
+        ranks by the solver); ``fun``'s gradient is then the gradient in it (the Riesz
+        representer) and every product of the method and the ``||g||`` tests use it.
+    H0 : ``H0(v)``, an SPD operator on this rank's slice of a gradient (an inverse mass
+        matrix, say): the initial inverse Hessian, scaled by ``s.y / y.H0 y``; the
+        ``||g||`` tests use ``sqrt(g.H0 g)``. Called on every rank together. ``inner`` and
+        ``H0`` make the iteration count mesh-independent for discretised functions
+        (section 1.12); neither combines with ``bounds``.
 
     Returns
     -------
-    OptimizeResult with SciPy's fields (``x`` is this rank's slice) plus ``nallreduce``
-    (reductions this call made), ``comm_bytes``, ``nreset``, ``npairs_skipped``,
-    ``seconds`` and, with ``gather_x``, ``x_global``.
+    OptimizeResult with SciPy's fields (``x`` is this rank's slice, ``jac`` the gradient)
+    plus ``nallreduce`` (reductions this call made), ``comm_bytes``, ``nreset``,
+    ``npairs_skipped``, ``seconds``, ``nactive`` (variables at a bound, over all ranks)
+    and, with ``gather_x``, ``x_global``. :class:`Minimizer` is the same solver for codes
+    that own their loop.
     """
-    return _minimize(fun, x0, comm, method, options, callback, checkpoint_dir,
-                     checkpoint_every, stop, resume, keep)[0]
+    solver = Minimizer(x0, comm, method, options, callback, checkpoint_dir, checkpoint_every,
+                       stop, resume, keep, bounds, inner, H0)
+    while not solver.done:
+        point = solver._next()
+        try:
+            told = fun(point)
+        except BaseException as exc:  # every rank learns of it in the next reduction
+            told = exc
+        solver._answer(told)
+    return solver.result()
 
 
-def _minimize(fun: Callable[[Any], tuple[Any, Any]], x0: Any, comm: Any, method: str,
-              options: Mapping[str, Any] | None, callback: Callable[..., Any] | None,
-              checkpoint_dir: str | Path | None, checkpoint_every: int, stop: Any,
-              resume: bool, keep: int) -> tuple[OptimizeResult, LBFGS]:
-    """:func:`minimize`, also returning the solver (its history makes SciPy's hess_inv)."""
-    c = get_comm(comm)
-    bytes_before = sum(counter.nbytes for counter in c.counters.values())
-    try:
-        opts = parse_options(method, options)
-        backend.check_float_array(x0, "x0", finite=True)
-    except (TypeError, ValueError) as exc:
-        # Raised on every rank, even when only this rank's input is bad.
-        LBFGS(fun, c, LBFGSOptions()).fail_setup(exc)
-        raise  # pragma: no cover - fail_setup always raises
+class Minimizer:
+    """:func:`minimize` for codes that own their loop (ask-and-tell)::
 
-    solver = LBFGS(fun, c, opts)
-    config = {"options": {k: v for k, v in vars(opts).items() if k != "disp"},
-              "n_local": int(x0.shape[0]), "dtype": str(x0.dtype), "nranks": c.size}
-    policy = CheckpointPolicy(checkpoint_dir, checkpoint_every, keep, resume)
-    # Signals stop a minimize only where a checkpoint can be written.
-    driver = Driver(c, config, policy, stop if checkpoint_dir is not None else None,
-                    meta={"kind": "minimize"})
-    saved = driver.resume(same_ranks="minimize resumes on the same rank count (the "
-                                     "unknown's slices belong to the callback)")
-    solver.start(x0, None if saved is None else saved["solver"])
-    user_callback = _scipy_style(callback)
+        solver = hpcqn.Minimizer(x0, comm, options={...}, bounds=(lo, hi))
+        while not solver.done:
+            x = solver.ask()               # this rank's slice of the next point
+            solver.tell(*evaluate(x))      # (f_part, g_local); every rank calls it
+        res = solver.result()
 
-    def boundary(x: Any, f: float, g: Any, nit: int) -> tuple[dict[str, float], Any]:
-        driver.call(user_callback, x, f, g, nit)
-        return driver.flags(), driver.error()
+    The arguments are :func:`minimize`'s without ``fun``; the iterates are the same.
+    ``tell`` is collective (it holds the reductions); when the evaluation failed on this
+    rank, call :meth:`fail` with the exception instead, and every rank raises instead of
+    waiting. :meth:`state_dict` is the state at the last accepted iterate (also in the
+    middle of a line search) and :meth:`load_state_dict` continues from it (before the
+    first ``ask``); with ``checkpoint_dir`` the solver checkpoints and resumes by itself,
+    as :func:`minimize` does.
+    """
 
-    while solver.status is None:
-        agreed = solver.iterate(boundary)
-        if not agreed:  # the line search ended or restarted the iteration: no agreement
-            continue
-        if solver.status is None:
-            if agreed["stop"] > 0:
-                solver.stop(CALLBACK_STOP, "`callback` raised `StopIteration`.")
-            else:
-                driver.settle(agreed, solver.nit, lambda: {"solver": solver.state_dict()},
-                              nit=solver.nit)
-    out = solver.outcome()
-    result = OptimizeResult(
-        x=out.x, fun=out.f, jac=out.g, nit=out.nit, nfev=out.nfev, njev=out.nfev,
-        status=out.status, success=out.status == 0, message=out.message,
-        nallreduce=solver.nreductions,
-        comm_bytes=sum(counter.nbytes for counter in c.counters.values()) - bytes_before,
-        nreset=out.nreset, npairs_skipped=out.npairs_skipped, seconds=out.seconds,
-    )
-    if opts.gather_x:
-        result.x_global = gather_global(out.x, c)
-    if opts.disp and c.rank == 0:
-        print(
-            f"hpcqn.minimize: {out.message} | f {out.f:.10e} max|g| {out.gnorm_inf:.3e} "
-            f"nit {out.nit} nfev {out.nfev} reductions {result.nallreduce} "
-            f"{out.seconds:.3f} s on {c.size} rank(s)",
-            flush=True,
+    def __init__(
+        self,
+        x0: Any,
+        comm: Any = None,
+        method: str = "lbfgs",
+        options: Mapping[str, Any] | None = None,
+        callback: Callable[[OptimizeResult], Any] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 0,
+        stop: Any = None,
+        resume: bool = True,
+        keep: int = 2,
+        bounds: Any = None,
+        inner: Callable[[Any, Any], Any] | None = None,
+        H0: Callable[[Any], Any] | None = None,  # noqa: N803 - the usual name
+    ):
+        c = self.comm = get_comm(comm)
+        self._bytes_before = sum(counter.nbytes for counter in c.counters.values())
+        try:
+            opts = parse_options(method, options)
+            backend.check_float_array(x0, "x0", finite=True)
+            box = parse_bounds(bounds, x0)
+            for name, value in (("inner", inner), ("H0", H0)):
+                if value is not None and not callable(value):
+                    raise TypeError(f"{name} must be a callable, got {type(value).__name__}")
+            if bounds is not None and (inner is not None or H0 is not None):
+                raise ValueError("bounds do not combine with inner or H0 (a projection in "
+                                 "another inner product is not a clip); pass one or the other")
+        except (TypeError, ValueError) as exc:
+            # Raised on every rank, even when only this rank's input is bad.
+            LBFGS(None, c, LBFGSOptions()).fail_setup(exc)
+            raise  # pragma: no cover - fail_setup always raises
+        self.options = opts
+        self.solver = LBFGS(None, c, opts, box, inner, H0)
+        # Every rank learns that every rank can start before any evaluates (an objective
+        # that communicates would otherwise wait for a rank that failed here).
+        self.solver.check_start(x0)
+        config = {"options": {k: v for k, v in vars(opts).items() if k != "disp"},
+                  "n_local": int(x0.shape[0]), "dtype": str(x0.dtype), "nranks": c.size,
+                  "bounds": "none" if box is None else box.digest,
+                  "metric": {"inner": inner is not None, "H0": H0 is not None}}
+        policy = CheckpointPolicy(checkpoint_dir, checkpoint_every, keep, resume)
+        # Signals stop a run only where a checkpoint can be written.
+        self._driver = Driver(c, config, policy, stop if checkpoint_dir is not None else None,
+                              meta={"kind": "minimize"})
+        saved = self._driver.resume(same_ranks="minimize resumes on the same rank count (the "
+                                               "unknown's slices belong to the callback)")
+        self._state = None if saved is None else saved["solver"]
+        self._callback = _scipy_style(callback)
+        self._x0 = x0
+        self._steps: Generator[Any, Any, None] | None = None
+        self._point: Any = None
+        self._result: OptimizeResult | None = None
+        self.done = False
+
+    # -- the run as a generator of points ----------------------------------------------
+    def _run(self) -> Generator[Any, Any, None]:
+        solver, driver = self.solver, self._driver
+
+        def boundary(x: Any, f: float, g: Any, nit: int) -> tuple[dict[str, float], Any]:
+            driver.call(self._callback, x, f, g, nit)
+            return driver.flags(), driver.error()
+
+        yield from solver.start_steps(self._x0, self._state)
+        while solver.status is None:
+            agreed = yield from solver.iterate_steps(boundary)
+            if not agreed:  # the line search ended or restarted the iteration
+                continue
+            if solver.status is None:
+                if agreed["stop"] > 0:
+                    solver.stop(CALLBACK_STOP, "`callback` raised `StopIteration`.")
+                else:
+                    driver.settle(agreed, solver.nit, lambda: {"solver": solver.state_dict()},
+                                  nit=solver.nit)
+
+    def _advance(self, told: Any) -> None:
+        try:
+            self._point = self._steps.send(told) if told is not None else next(self._steps)
+        except StopIteration:
+            self._point, self.done = None, True
+            self._result = self._finish()
+        except BaseException:
+            self._point, self.done = None, True
+            raise
+
+    def _next(self) -> Any:
+        """The next point (the solver's own buffer: not to be written)."""
+        if self.done:
+            raise RuntimeError("the solver has finished: see result()")
+        if self._steps is None:
+            self._steps = self._run()
+            self._advance(None)
+        return self._point
+
+    def _answer(self, told: Any) -> None:
+        if self._point is None:
+            raise RuntimeError("tell() needs a point from ask() first")
+        self._advance(told)
+
+    # -- the public interface ------------------------------------------------------
+    def ask(self) -> Any:
+        """This rank's slice of the next point to evaluate (the same point until
+        :meth:`tell`); read-only for NumPy arrays. RuntimeError once :attr:`done`."""
+        point = self._next()
+        if isinstance(point, np.ndarray):
+            point = point.view()
+            point.flags.writeable = False
+        return point
+
+    def tell(self, f_part: Any, g: Any) -> None:
+        """The evaluation at the point :meth:`ask` gave: this rank's part of ``f`` (the
+        whole ``f`` with the option ``fun_global``) and its slice of the gradient.
+        Collective: every rank calls it (it makes the solver's reductions)."""
+        self._answer((f_part, g))
+
+    def fail(self, error: BaseException) -> None:
+        """Instead of :meth:`tell`, when the evaluation raised ``error`` on this rank:
+        every rank raises (this one ``error``, the others
+        :class:`hpcqn.comm.RemoteRankError`) instead of waiting for this one."""
+        self._answer(error)
+        raise RuntimeError("fail() must raise")  # pragma: no cover - the reduction raises
+
+    def result(self) -> OptimizeResult:
+        """The result, as :func:`minimize` returns it (once :attr:`done`)."""
+        if self._result is None:
+            raise RuntimeError("the solver has not finished: ask() and tell() until done")
+        return self._result
+
+    def state_dict(self) -> dict[str, Any]:
+        """The solver's state at the last accepted iterate (see :meth:`load_state_dict`)."""
+        if self._steps is None:
+            raise RuntimeError("state_dict() needs the first evaluation (ask() and tell())")
+        return self.solver.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (a :meth:`state_dict` of a run with the same options,
+        rank count and slices); before the first :meth:`ask`."""
+        if self._steps is not None:
+            raise RuntimeError("load_state_dict() must come before the first ask()")
+        self._state = dict(state)
+
+    def _finish(self) -> OptimizeResult:
+        solver, c = self.solver, self.comm
+        out = solver.outcome()
+        result = OptimizeResult(
+            x=out.x, fun=out.f, jac=out.g, nit=out.nit, nfev=out.nfev, njev=out.nfev,
+            status=out.status, success=out.status == 0, message=out.message,
+            nallreduce=solver.nreductions,
+            comm_bytes=sum(counter.nbytes for counter in c.counters.values())
+            - self._bytes_before,
+            nreset=out.nreset, npairs_skipped=out.npairs_skipped, seconds=out.seconds,
+            nactive=solver.nactive,
         )
-    return result, solver
+        if self.options.gather_x:
+            result.x_global = gather_global(out.x, c)
+        if self.options.disp and c.rank == 0:
+            active = f" active {solver.nactive}" if solver.bounded else ""
+            print(
+                f"hpcqn.minimize: {out.message} | f {out.f:.10e} max|g| {out.gnorm_inf:.3e} "
+                f"nit {out.nit} nfev {out.nfev} reductions {result.nallreduce}{active} "
+                f"{out.seconds:.3f} s on {c.size} rank(s)",
+                flush=True,
+            )
+        return result
 
 
 def _scipy_style(
@@ -198,11 +351,12 @@ def scipy_lbfgs(
       iterate (it may overwrite it); ``x`` and ``jac`` come back as float64; a non-finite
       value at ``x0`` gives a failed result (``success=False``, status 2), not an error.
     - ``res.hess_inv`` is a :class:`scipy.optimize.LbfgsInvHessProduct` of the kept pairs.
-    - ``bounds``: ``None``, or bounds that bound nothing (``Bounds(-inf, inf)``, pairs of
-      ``None``); real bounds are refused (an unconstrained method). Constraints are
-      refused; ``hess``/``hessp`` are ignored.
+    - ``bounds``: ``None``, a :class:`scipy.optimize.Bounds` (``keep_feasible`` is not
+      needed: every iterate is feasible) or a sequence of ``(lo, hi)`` pairs with
+      ``None`` for no bound, as for L-BFGS-B; ``x0`` is clipped into them and finite
+      differences step backwards at an upper bound. Constraints are refused;
+      ``hess``/``hessp`` are ignored.
     """
-    import numpy as np
     from scipy.optimize import LbfgsInvHessProduct, approx_fprime
 
     options = dict(options)
@@ -211,9 +365,7 @@ def scipy_lbfgs(
     if constraints is not None and len(constraints):
         raise ValueError("hpcqn's L-BFGS is unconstrained; constraints are not supported")
     x0 = np.asarray(x0, dtype=np.float64).ravel().copy()
-    if not _no_bounds(bounds, x0.size):
-        raise ValueError("hpcqn's L-BFGS is unconstrained: bounds that bound something are "
-                         "not supported yet (use scipy's L-BFGS-B)")
+    box = _scipy_bounds(bounds, x0.size)
     tol = options.pop("tol", None)
     if tol is not None:
         options.setdefault("gtol", tol)
@@ -262,6 +414,8 @@ def scipy_lbfgs(
 
         def fun_and_grad(x: Any) -> tuple[Any, Any]:
             h = eps if rel_step is None else rel_step * np.maximum(1.0, np.abs(x))
+            if box is not None:  # forward steps that would leave the box go backwards
+                h = np.where(x + h > box[1], -h, h)
             f = value(x)
             g = approx_fprime(x, value, h)
             if central:
@@ -272,8 +426,7 @@ def scipy_lbfgs(
         raise ValueError(f"jac must be a callable, True, None, False or one of {_FD_METHODS}, "
                          f"got {jac!r}")
     try:
-        result, solver = _minimize(fun_and_grad, x0, serial_comm(), "lbfgs", options,
-                                   callback, None, 0, None, True, 2)
+        result, solver = _minimize(fun_and_grad, x0, serial_comm(), options, callback, box)
     except FunctionError as exc:
         if "non-finite value at x0" not in str(exc):
             raise
@@ -289,19 +442,37 @@ def scipy_lbfgs(
     return result
 
 
-def _no_bounds(bounds: Any, n: int) -> bool:
-    """Whether SciPy-style ``bounds`` (None, a ``Bounds``, or (lo, hi) pairs) bound
-    nothing."""
-    import numpy as np
+def _minimize(fun: Callable[[Any], tuple[Any, Any]], x0: Any, comm: Any,
+              options: Mapping[str, Any], callback: Callable[..., Any] | None,
+              bounds: Any) -> tuple[OptimizeResult, LBFGS]:
+    """:func:`minimize` with no checkpoints, also returning the solver (its history makes
+    SciPy's ``hess_inv``)."""
+    solver = Minimizer(x0, comm, "lbfgs", options, callback, bounds=bounds)
+    while not solver.done:
+        solver._answer(fun(solver._next()))
+    return solver.result(), solver.solver
 
+
+def _scipy_bounds(bounds: Any, n: int) -> tuple[Any, Any] | None:
+    """SciPy-style ``bounds`` (None, a ``Bounds``, or ``(lo, hi)`` pairs with None for no
+    bound) as two float64 arrays of length ``n``, or None."""
     if bounds is None:
-        return True
+        return None
     if hasattr(bounds, "lb") and hasattr(bounds, "ub"):
         lo, hi = bounds.lb, bounds.ub
     else:
         pairs = list(bounds)
-        lo = [-math.inf if p[0] is None else p[0] for p in pairs]
-        hi = [math.inf if p[1] is None else p[1] for p in pairs]
-    lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), (n,))
-    hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), (n,))
-    return bool(np.all(np.isneginf(lo)) and np.all(np.isposinf(hi)))
+        if len(pairs) != n:
+            raise ValueError(f"length of x0 ({n}) != length of bounds ({len(pairs)})")
+        try:
+            lo = [-math.inf if p[0] is None else p[0] for p in pairs]
+            hi = [math.inf if p[1] is None else p[1] for p in pairs]
+        except (TypeError, IndexError):
+            raise ValueError("bounds must be a scipy.optimize.Bounds or a sequence of "
+                             "(min, max) pairs") from None
+    try:
+        lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), (n,))
+        hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), (n,))
+    except ValueError:
+        raise ValueError(f"bounds do not broadcast to x0's shape ({n},)") from None
+    return lo, hi

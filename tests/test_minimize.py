@@ -55,7 +55,7 @@ def test_result_fields_and_reduction_count():
     f, g = fun(res.x)
     assert res.fun == f and np.array_equal(res.jac, g)
     # One reduction at x0, then per iteration one per line-search trial plus one.
-    assert res.nallreduce == 1 + (res.nfev - 1) + res.nit
+    assert res.nallreduce == 2 + (res.nfev - 1) + res.nit
     np.testing.assert_array_equal(res.x_global, res.x)
 
 
@@ -86,9 +86,15 @@ def test_scipy_custom_method():
         res = scipy.optimize.minimize(fun, x0, method=hpcqn.scipy_lbfgs, tol=1e-8, **kwargs)
         assert res.success
         np.testing.assert_allclose(res.x, ref.x, atol=1e-6)
-    with pytest.raises(ValueError, match="bounds"):
-        scipy.optimize.minimize(scipy.optimize.rosen, x0, jac=scipy.optimize.rosen_der,
-                                method=hpcqn.scipy_lbfgs, bounds=[(0, 1)] * 5)
+    boxed = [(0, 0.5)] * 5  # cuts the minimiser (1, ..., 1): every variable at 0.5 or inside
+    ref = scipy.optimize.minimize(scipy.optimize.rosen, x0, jac=scipy.optimize.rosen_der,
+                                  method="L-BFGS-B", bounds=boxed,
+                                  options={"gtol": 1e-10, "ftol": 0})
+    res = scipy.optimize.minimize(scipy.optimize.rosen, x0, jac=scipy.optimize.rosen_der,
+                                  method=hpcqn.scipy_lbfgs, bounds=boxed,
+                                  options={"gtol": 1e-10, "ftol": 0})
+    assert res.success and res.nactive >= 1
+    np.testing.assert_allclose(res.x, ref.x, atol=1e-6)
 
 
 def test_callback_gets_intermediate_result_and_stop_iteration():

@@ -86,6 +86,22 @@ class GramHistory:
         out[-1] = float(gg)
         return out
 
+    def dot(self, u: Any, v: Any) -> float:
+        """This rank's part of ``u . v``."""
+        return float(u @ v)
+
+    def gradient_part(self, g: Any) -> float:
+        """This rank's part of ``g . g`` at a new point."""
+        return float(g @ g) if g.size else 0.0
+
+    def gradient_norm2(self, products: np.ndarray) -> float:
+        """``g . g`` of the new point from the summed :meth:`local_products`."""
+        return float(products[-1])
+
+    def products_size(self, slot: int) -> int:
+        """The length of :meth:`local_products` for ``slot`` (the same on every rank)."""
+        return 3 * self._rows_for(slot) + 1
+
     def set_gradient_norm2(self, gg: float) -> None:
         """``g . g`` of the current gradient (used before any pair exists)."""
         self.gram[self.g_index, self.g_index] = gg

@@ -5,7 +5,8 @@ iteration: the direction comes from the two-loop recursion on the Gram matrix
 (:mod:`hpcqn.curvature.gram_history`); each line-search trial costs one callback and
 ONE small reduction (``f``, ``g.d``, the max-norm of ``g``, error flags); after the step
 is accepted, all new dot products travel in ONE reduction. So the number of
-reductions is ``1 + (line-search trials)`` per iteration, plus one at ``x0``.
+reductions is ``1 + (line-search trials)`` per iteration, plus two at the start (the
+check that every rank can start, before any evaluation, and ``x0``).
 
 Safeguards as PETSc TAO's LMVM: a direction that is not a finite descent direction
 drops the history and takes a scaled steepest-descent step; a line search that fails
@@ -19,7 +20,7 @@ import dataclasses
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,7 +30,9 @@ from ..backend import namespace
 from ..comm import Communicator
 from ..curvature.gram_history import GramHistory
 from ..curvature.linesearch import CONVERGED, EVALUATE, Backtracking, MoreThuente
+from ..curvature.metric_history import MetricHistory
 from ..options import Rule, check, declared
+from .bounds import Box
 
 # Status codes, as SciPy's L-BFGS-B uses them (99: the callback asked to stop).
 SUCCESS, LIMIT, LINESEARCH_FAILED, CALLBACK_STOP = 0, 1, 2, 99
@@ -94,28 +97,62 @@ class FunctionError(ValueError):
 
 class LBFGS:
     """The solver. ``fun(x_local) -> (f_part, g_local)``; see :class:`LBFGSOptions`.
+    ``box`` (:class:`hpcqn.optimizers.bounds.Box`) bounds this rank's slice; ``inner``
+    and ``H0`` set the inner product and the initial operator
+    (:class:`hpcqn.curvature.metric_history.MetricHistory`).
+
     Driven one iteration at a time: :meth:`start`, then :meth:`iterate` while ``status``
-    is None; :meth:`state_dict` / :meth:`load_state_dict` for checkpoints."""
+    is None (each calls ``fun``), or through the generators :meth:`start_steps` and
+    :meth:`iterate_steps`, which yield every point to evaluate and take ``(f, g)`` (or
+    the exception the evaluation raised) back: the ask-and-tell form. :meth:`state_dict`
+    / :meth:`load_state_dict` for checkpoints."""
 
     def __init__(
         self,
-        fun: Callable[[Any], tuple[Any, Any]],
+        fun: Callable[[Any], tuple[Any, Any]] | None,
         comm: Communicator,
         options: LBFGSOptions,
+        box: Box | None = None,
+        inner: Callable[[Any, Any], Any] | None = None,
+        H0: Callable[[Any], Any] | None = None,  # noqa: N803 - the usual name
     ):
         self.fun = fun
         self.comm = comm
         self.opt = options
+        self.box = box
+        self.inner, self.H0 = inner, H0
+        self.bounded = False  # agreed at x0: whether any rank's box bounds something
+        self.nactive = 0
         self.status: int | None = None
         self.message = ""
         self.nfev = 0
         self.nreductions = 0  # the solver's own (not those fun makes itself)
+        self._at_step = (0, 0)  # nfev and nreductions at the last accepted point
 
     # -- evaluation ----------------------------------------------------------------
-    def _call_fun(self, x: Any, out: Any) -> float:
-        """``fun(x)``: returns ``f`` and copies ``g`` into ``out``, a buffer the solver
-        owns (a callback may hand back the same array every time)."""
-        f, g = self.fun(x)
+    def _drive(self, steps: Generator[Any, Any, Any]) -> Any:
+        """Run ``steps`` to the end, answering every point it yields with ``fun``."""
+        try:
+            point = next(steps)
+            while True:
+                try:
+                    told = self.fun(point)
+                except BaseException as exc:  # travels to every rank in the reduction
+                    told = exc
+                point = steps.send(told)
+        except StopIteration as done:
+            return done.value
+
+    def _take(self, told: Any, x: Any, out: Any) -> float:
+        """The evaluation ``(f, g)`` at ``x``: returns ``f`` and copies ``g`` into ``out``,
+        a buffer the solver owns (a callback may hand back the same array every time)."""
+        if isinstance(told, BaseException):
+            raise told
+        try:
+            f, g = told
+        except (TypeError, ValueError):
+            raise FunctionError(f"fun must return a pair (f, g), got "
+                                f"{type(told).__name__}") from None
         if getattr(g, "shape", None) != x.shape:
             raise FunctionError(
                 f"fun returned a gradient of shape {getattr(g, 'shape', type(g).__name__)} "
@@ -136,9 +173,12 @@ class LBFGS:
         ginf: float,
         error: BaseException | None,
         fingerprint: tuple[float, float] = (0.0, 0.0),
-    ) -> tuple[float, float, float, float]:
+        gd0: float = 0.0,
+        bounded: bool = False,
+    ) -> tuple[float, float, float, float, float, bool]:
         """The solver's one reduction: the global f, max|g| (NaN when any rank's f or g
-        is not finite), g.d and g.g. Its layout never depends on the options, so ranks
+        is not finite), g.d, g.g, the initial slope ``gd0`` of a bounded line search and
+        whether any rank has bounds. Its layout never depends on the options, so ranks
         that disagree on options (or failed to parse them) still meet in it; the
         fingerprint of the options and of ``f`` (with ``fun_global``) is checked for
         equality across ranks here."""
@@ -146,16 +186,17 @@ class LBFGS:
         finite = math.isfinite(f)
         global_f = self.opt.fun_global
         reduced = self.comm.allreduce_named(
-            sums={"f": 0.0 if global_f else f, "gd": gd, "gg": gg},
-            maxes={"ginf": ginf, "f_not_finite": 0.0 if finite else 1.0},
+            sums={"f": 0.0 if global_f else f, "gd": gd, "gg": gg, "gd0": gd0},
+            maxes={"ginf": ginf, "f_not_finite": 0.0 if finite else 1.0,
+                   "bounded": 1.0 if bounded else 0.0},
             same={"f": f if global_f and finite else 0.0, "options": fingerprint[0],
                   "itemsize": fingerprint[1]},
             error=error,
         )
         if "options" in reduced.differ or "itemsize" in reduced.differ:
             raise ValueError(
-                "minimize was called with different options or x0 dtypes on different "
-                "ranks; every rank must pass the same ones"
+                "minimize was called with different options, x0 dtypes or inner/H0 "
+                "arguments on different ranks; every rank must pass the same ones"
             )
         not_finite = reduced.maxes["f_not_finite"] > 0
         if not not_finite and "f" in reduced.differ:  # only compared when every f is finite
@@ -166,105 +207,177 @@ class LBFGS:
             )
         f_total = max(reduced.per_rank["f"]) if global_f else reduced.sums["f"]
         return (math.nan if not_finite else f_total, reduced.maxes["ginf"], reduced.sums["gd"],
-                reduced.sums["gg"])
+                reduced.sums["gg"], reduced.sums["gd0"], reduced.maxes["bounded"] > 0)
 
     def fail_setup(self, error: BaseException) -> None:
         """This rank could not start (bad options or x0): meet the other ranks in the
         first reduction, so that every rank raises instead of waiting."""
         self._reduce(0.0, 0.0, 0.0, 0.0, error)
 
-    def evaluate(
+    def check_start(self, x0: Any) -> None:
+        """Meet :meth:`fail_setup` (of ranks that could not start) in the same
+        reduction, and check that every rank passed the same options."""
+        self._reduce(0.0, 0.0, 0.0, 0.0, None, self.fingerprint(x0))
+
+    def _evaluate(
         self,
         x: Any,
         g_out: Any,
         d: Any = None,
         with_gg: bool = False,
         fingerprint: tuple[float, float] = (0.0, 0.0),
-    ) -> tuple[float, float, float, float]:
-        """``fun`` at ``x`` on every rank (``g`` into ``g_out``) and ONE reduction.
-        Returns the global ``f``, the global max-norm of ``g`` (NaN when any part of ``f``
-        or ``g`` is not finite), ``g.d`` and ``g.g`` (0 unless asked for). An error in
-        ``fun`` on any rank raises on all."""
+        gd0: float = 0.0,
+    ) -> Generator[Any, Any, tuple[float, float, float, float, float, bool]]:
+        """Yield ``x``, take its evaluation (``g`` into ``g_out``) and make ONE reduction.
+        Returns the global ``f``, the global max-norm of ``g`` (of the projected gradient
+        with bounds; NaN when any part of ``f`` or ``g`` is not finite), ``<g, d>``, the
+        gradient's squared norm (0 unless asked for), the summed ``gd0`` and whether any
+        rank has bounds. An error in the evaluation on any rank raises on all."""
         self.nfev += 1
+        told = yield x
         f, ginf, gd, gg, error = math.nan, math.nan, 0.0, 0.0, None
         try:
-            f = self._call_fun(x, g_out)
-            ginf = float(abs(g_out).max()) if g_out.size else 0.0  # NaN if g has a NaN
+            f = self._take(told, x, g_out)
+            if self.box is not None:
+                ginf = self.box.projected_gradient_inf(x, g_out)
+            else:
+                ginf = float(abs(g_out).max()) if g_out.size else 0.0  # NaN if g has a NaN
             if g_out.size:
-                gd = float(g_out @ d) if d is not None else 0.0
-                gg = float(g_out @ g_out) if with_gg else 0.0
+                gd = self.history.dot(g_out, d) if d is not None else 0.0
+                if with_gg:
+                    if self.box is not None:
+                        gg = self.history.gradient_part(self.box.free_gradient(x, g_out,
+                                                                              self._gf))
+                    else:
+                        gg = self.history.gradient_part(g_out)
         except BaseException as exc:  # KeyboardInterrupt too: every rank learns of it below
             error = exc
-        return self._reduce(f, gd, gg, ginf, error, fingerprint)
+        bounded = self.box is not None and self.box.bounds_something
+        return self._reduce(f, gd, gg, ginf, error, fingerprint, gd0, bounded)
+
+    def evaluate(self, x: Any, g_out: Any, d: Any = None,
+                 with_gg: bool = False) -> tuple[float, float, float, float]:
+        """``fun`` at ``x`` on every rank and one reduction: ``f``, max|g|, g.d, g.g."""
+        return self._drive(self._evaluate(x, g_out, d, with_gg))[:4]
+
+    def _check_metric(self, gg: float) -> None:
+        """The gradient's squared norm (the same number on every rank) must be finite and
+        not negative: otherwise ``H0`` or ``inner`` is not positive definite (or gave a
+        NaN), and every rank says so."""
+        if (self.inner is None and self.H0 is None) or (math.isfinite(gg) and gg >= 0.0):
+            return
+        names = " and ".join(n for n, v in (("inner", self.inner), ("H0", self.H0))
+                             if v is not None)
+        product = "<g, H0 g>" if self.H0 is not None else "<g, g>"
+        raise ValueError(f"{names} must be symmetric positive definite and finite: "
+                         f"{product} = {gg!r} at iteration {getattr(self, 'nit', 0)}")
 
     def fingerprint(self, x0: Any) -> tuple[float, float]:
         """Two numbers every rank must agree on: a checksum of the options (all but
-        ``disp``, which only rank 0 uses) and the dtype's size."""
+        ``disp``, which only rank 0 uses) and of which of ``inner`` and ``H0`` are given,
+        and the dtype's size."""
         values = {f.name: getattr(self.opt, f.name) for f in dataclasses.fields(self.opt)}
         values.pop("disp")
+        values["metric"] = (self.inner is not None, self.H0 is not None)
         return float(zlib.crc32(repr(sorted(values.items())).encode())), float(x0.dtype.itemsize)
 
     # -- the iteration, one step at a time -------------------------------------------
     def start(self, x0: Any, state: dict[str, Any] | None = None) -> None:
-        """Evaluate at ``x0`` (one reduction) and set up the iteration; with ``state`` (a
-        :meth:`state_dict`), continue from there instead (``x0`` then fixes the shape and
-        dtype, and its evaluation only checks that every rank can start)."""
-        opt = self.opt
-        xp = namespace(x0)
-        self._start_time = time.perf_counter()
-        n_local = x0.shape[0]
-        self.x = xp.array(x0, copy=True)
-        self.g = xp.empty_like(self.x)
-        self.history = GramHistory(n_local, int(opt.history), xp, self.x.dtype)
-        f, ginf, _, gg = self.evaluate(self.x, self.g, with_gg=True,
-                                       fingerprint=self.fingerprint(self.x))
-        if not (math.isfinite(f) and math.isfinite(ginf)):
-            raise FunctionError(f"fun returned a non-finite value at x0 (f = {f}, max|g| = {ginf})")
-        self.history.set_gradient_norm2(gg)
-        self.f, self.ginf, self.gg, self.g0norm = f, ginf, gg, math.sqrt(gg)
-        self._direction = xp.empty_like(self.x)
-        self._x_trial = xp.empty_like(self.x)
-        self._g_trial = xp.empty_like(self.x)
-        self.nit = self.nreset = self.nskipped = self._failures = 0
-        self.trace = [(0, f, ginf)]
-        if state is not None:
-            self.load_state_dict(state)
-        self.status, self.message = self._converged(self.f, None, self.ginf, self.gg,
-                                                    self.g0norm, self.nit)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything :meth:`load_state_dict` needs to continue bitwise: this rank's x, g
-        and history rows, the Gram matrix, the values and counters."""
-        return {"x": self.x, "g": self.g, "f": self.f, "ginf": self.ginf, "gg": self.gg,
-                "g0norm": self.g0norm, "nit": self.nit, "nreset": self.nreset,
-                "nskipped": self.nskipped, "nfev": self.nfev, "nreductions": self.nreductions,
-                "trace": [list(t) for t in self.trace], "history": self.history.state_dict()}
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        xp = namespace(self.x)
-        self.x[...] = xp.asarray(saved["x"])
-        self.g[...] = xp.asarray(saved["g"])
-        self.history.load_state_dict(saved["history"])
-        self.f, self.ginf, self.gg, self.g0norm = (saved["f"], saved["ginf"], saved["gg"],
-                                                   saved["g0norm"])
-        self.nit, self.nreset, self.nskipped = saved["nit"], saved["nreset"], saved["nskipped"]
-        self.nfev, self.nreductions = saved["nfev"], saved["nreductions"]
-        self.trace = [tuple(t) for t in saved["trace"]]
-
-    def stop(self, status: int, message: str) -> None:
-        """End the iteration from outside (a callback's request, agreed on every rank)."""
-        self.status, self.message = status, message
+        """:meth:`start_steps`, evaluating with ``fun``."""
+        self._drive(self.start_steps(x0, state))
 
     def iterate(
         self, boundary: Callable[[Any, float, Any, int], tuple[dict[str, float], Any]]
         | None = None,
     ) -> dict[str, float]:
+        """:meth:`iterate_steps`, evaluating with ``fun``."""
+        return self._drive(self.iterate_steps(boundary))
+
+    def start_steps(self, x0: Any, state: dict[str, Any] | None = None
+                    ) -> Generator[Any, Any, None]:
+        """Evaluate at ``x0`` (projected into the box; one reduction) and set up the
+        iteration; with ``state`` (a :meth:`state_dict`), continue from there instead
+        (``x0`` then fixes the shape and dtype, and its evaluation only checks that every
+        rank can start)."""
+        opt = self.opt
+        xp = namespace(x0)
+        self._start_time = time.perf_counter()
+        n_local = x0.shape[0]
+        self.x = xp.array(x0, copy=True)
+        if self.box is not None:
+            self.box.project(self.x)
+        self.g = xp.empty_like(self.x)
+        self._gf = xp.empty_like(self.x) if self.box is not None else self.g
+        if self.inner is None and self.H0 is None:
+            self.history = GramHistory(n_local, int(opt.history), xp, self.x.dtype)
+        else:
+            self.history = MetricHistory(n_local, int(opt.history), xp, self.x.dtype,
+                                         self.inner, self.H0)
+        f, ginf, _, gg, _, bounded = yield from self._evaluate(
+            self.x, self.g, with_gg=True, fingerprint=self.fingerprint(self.x))
+        if not (math.isfinite(f) and math.isfinite(ginf)):
+            raise FunctionError(f"fun returned a non-finite value at x0 (f = {f}, max|g| = {ginf})")
+        self._check_metric(gg)
+        self.bounded = bounded
+        if not bounded:  # every rank's bounds bound nothing: the unconstrained iteration
+            self.box, self._gf = None, self.g
+        elif self.box is None:
+            self.box = Box.unbounded(self.x)
+            self._gf = xp.array(self.g, copy=True)  # no bounds here: g is free
+        self.history.set_gradient_norm2(gg)
+        self.f, self.ginf, self.gg, self.g0norm = f, ginf, gg, math.sqrt(gg)
+        self._direction = xp.empty_like(self.x)
+        self._x_trial = xp.empty_like(self.x)
+        self._g_trial = xp.empty_like(self.x)
+        self._path = xp.empty_like(self.x) if bounded else None
+        self.nit = self.nreset = self.nskipped = self._failures = 0
+        self.trace = [(0, f, ginf)]
+        if state is not None:
+            self.load_state_dict(state)
+        self._at_step = (self.nfev, self.nreductions)
+        self.status, self.message = self._converged(self.f, None, self.ginf, self.gg,
+                                                    self.g0norm, self.nit)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to continue bitwise from the last
+        accepted point (also when asked during a line search): this rank's x, g and
+        history rows, the Gram matrix, the values and counters."""
+        nfev, nreductions = self._at_step
+        return {"x": self.x, "g": self.g, "f": self.f, "ginf": self.ginf, "gg": self.gg,
+                "g0norm": self.g0norm, "nit": self.nit, "nreset": self.nreset,
+                "nskipped": self.nskipped, "nfev": nfev, "nreductions": nreductions,
+                "nactive": self.nactive, "trace": [list(t) for t in self.trace],
+                "history": self.history.state_dict()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        xp = namespace(self.x)
+        self.x[...] = xp.asarray(saved["x"])
+        self.g[...] = xp.asarray(saved["g"])
+        if self.box is not None:
+            self.box.free_gradient(self.x, self.g, self._gf)
+        self.history.load_state_dict(saved["history"])
+        self.f, self.ginf, self.gg, self.g0norm = (saved["f"], saved["ginf"], saved["gg"],
+                                                   saved["g0norm"])
+        self.nit, self.nreset, self.nskipped = saved["nit"], saved["nreset"], saved["nskipped"]
+        self.nfev, self.nreductions = saved["nfev"], saved["nreductions"]
+        self.nactive = int(saved.get("nactive", 0))
+        self.trace = [tuple(t) for t in saved["trace"]]
+        self._at_step = (self.nfev, self.nreductions)
+
+    def stop(self, status: int, message: str) -> None:
+        """End the iteration from outside (a callback's request, agreed on every rank)."""
+        self.status, self.message = status, message
+
+    def iterate_steps(
+        self, boundary: Callable[[Any, float, Any, int], tuple[dict[str, float], Any]]
+        | None = None,
+    ) -> Generator[Any, Any, dict[str, float]]:
         """One iteration: direction, line search, the new pair and the convergence tests.
         ``boundary(x, f, g, nit) -> (flags, error)`` runs on every rank once the step is
         accepted; its ``flags`` (named maxima) and ``error`` travel in the iteration's
         closing reduction, and the agreed flags are returned (empty when the line search
-        ended the run)."""
-        opt, xp, history = self.opt, namespace(self.x), self.history
+        ended or restarted the iteration)."""
+        opt, xp, history, box = self.opt, namespace(self.x), self.history, self.box
         x, g, direction = self.x, self.g, self._direction
         x_trial, g_trial = self._x_trial, self._g_trial
         delta = history.direction_coefficients()
@@ -274,35 +387,53 @@ class LBFGS:
             self.nreset += 1
             delta = history.direction_coefficients()
             gd = history.dot_g(delta)
-        history.combine(delta, g, direction)
+        history.combine(delta, self._gf, direction)
+        gd0 = 0.0
+        if box is not None:  # P_F d; its slope is reduced with the first trial
+            box.restrict(x, g, direction)
+            gd0 = float(g @ direction) if g.size else 0.0
         if len(history):
             stp = 1.0
         else:  # scaled steepest descent: the first step has length 1 (SciPy's choice)
             stp = min(1.0 / math.sqrt(history.norm2(delta)), 1e10)
-        search = (
-            MoreThuente(self.f, gd, stp)
-            if opt.linesearch == "strong-wolfe"
-            else Backtracking(self.f, gd, stp)
-        )
-        result, ntrials = EVALUATE, 0
+        kind = MoreThuente if opt.linesearch == "strong-wolfe" else Backtracking
+        search = kind(self.f, gd, stp) if box is None else None
+        result, ntrials, message = EVALUATE, 0, ""
         while result == EVALUATE:
             if ntrials == opt.maxls or self.nfev >= opt.maxfun:
-                search.message = search.message or f"no acceptable step in {ntrials} trials"
+                message = ((search.message if search else "")
+                           or f"no acceptable step in {ntrials} trials")
                 break
             ntrials += 1
-            xp.multiply(direction, search.stp, out=x_trial)
+            xp.multiply(direction, stp if search is None else search.stp, out=x_trial)
             x_trial += x
-            f_t, ginf_t, gd_t, _ = self.evaluate(x_trial, g_trial, direction)
+            slope = direction
+            if box is not None:
+                box.project(x_trial)
+                slope = box.path_direction(x_trial, direction, self._path)
+            f_t, ginf_t, gd_t, _, gd0_t, _ = yield from self._evaluate(
+                x_trial, g_trial, slope, gd0=gd0 if search is None else 0.0)
+            if search is None:
+                if not (gd0_t < 0.0 and math.isfinite(gd0_t)):  # P_F d is no descent
+                    self._failures += 1
+                    if not len(history) or self._failures >= 2:
+                        self.stop(LINESEARCH_FAILED, "ABNORMAL: NO DESCENT DIRECTION ON THE "
+                                                     "FREE VARIABLES")
+                    history.reset()
+                    self.nreset += 1
+                    return {}
+                search = kind(self.f, gd0_t, stp)
             if not (math.isfinite(f_t) and math.isfinite(ginf_t)):
                 search.shrink()
                 continue
             result = search.advance(f_t, gd_t)
+            message = search.message
         if result != CONVERGED:
             self._failures += 1
             if self.nfev >= opt.maxfun:
                 self.stop(LIMIT, "STOP: TOTAL NO. OF F,G EVALUATIONS EXCEEDS LIMIT")
             elif self._failures >= 2 or not len(history):
-                self.stop(LINESEARCH_FAILED, f"ABNORMAL: LINE SEARCH FAILED: {search.message}")
+                self.stop(LINESEARCH_FAILED, f"ABNORMAL: LINE SEARCH FAILED: {message}")
             else:
                 history.reset()
                 self.nreset += 1
@@ -310,7 +441,10 @@ class LBFGS:
         self._failures = 0
         slot = history.free_slot()
         s_row, y_row = history.pair_rows(slot)
-        xp.multiply(direction, search.stp, out=s_row)
+        if box is None:
+            xp.multiply(direction, search.stp, out=s_row)
+        else:  # the step actually taken (the projection shortened some components)
+            xp.subtract(x_trial, x, out=s_row)
         xp.subtract(g_trial, g, out=y_row)
         self.x, self._x_trial = x_trial, x
         self.g, self._g_trial = g_trial, g
@@ -318,13 +452,27 @@ class LBFGS:
         self.nit += 1
         flags, error = boundary(self.x, self.f, self.g, self.nit) if boundary else ({}, None)
         self.nreductions += 1
-        reduced = self.comm.allreduce_scalars(history.local_products(slot, self.g),
-                                              list(flags.values()), error)
+        try:
+            if box is None:
+                self._gf = self.g
+            else:
+                box.free_gradient(self.x, self.g, self._gf)
+            local = history.local_products(slot, self._gf)
+            if box is not None:
+                local = np.append(local, box.nactive(self.x))
+        except BaseException as exc:  # H0 or inner failed here: every rank raises
+            error = error or exc
+            local = np.zeros(history.products_size(slot) + (box is not None))  # never read
+        reduced = self.comm.allreduce_scalars(local, list(flags.values()), error)
         products, agreed = reduced[0], dict(zip(flags, map(float, reduced[1]), strict=True))
+        if box is not None:
+            self.nactive, products = int(products[-1]), products[:-1]
         if not history.absorb(products, slot, eps=float(np.finfo(np.float64).eps)):
             self.nskipped += 1
-        self.gg = float(products[-1])
+        self.gg = history.gradient_norm2(products)
+        self._check_metric(self.gg)
         self.trace.append((self.nit, self.f, self.ginf))
+        self._at_step = (self.nfev, self.nreductions)
         self._progress(self.nit, self.f, self.ginf, search.stp)
         self.status, self.message = self._converged(self.f, f_prev, self.ginf, self.gg,
                                                     self.g0norm, self.nit)
@@ -362,8 +510,9 @@ class LBFGS:
 
     def _progress(self, nit: int, f: float, ginf: float, stp: float) -> None:
         if self.opt.disp and self.comm.rank == 0 and nit % self.opt.disp == 0:
+            active = f"  active {self.nactive}" if self.bounded else ""
             print(
                 f"iter {nit:6d}  f {f: .10e}  max|g| {ginf:.3e}  step {stp:.2e}  "
-                f"nfev {self.nfev}",
+                f"nfev {self.nfev}{active}",
                 flush=True,
             )
