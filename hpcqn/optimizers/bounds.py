@@ -78,8 +78,11 @@ class Box:
         self.lo = xp.broadcast_to(xp.asarray(lo, dtype=dtype), shape)
         self.hi = xp.broadcast_to(xp.asarray(hi, dtype=dtype), shape)
         self.bounds_something = bool(np.isfinite(lo).any() or np.isfinite(hi).any())
-        self.digest = (f"{zlib.crc32(np.ascontiguousarray(lo).tobytes()):08x}"
-                       f"{zlib.crc32(np.ascontiguousarray(hi).tobytes()):08x}")
+        # What the bounds mean, not how they were written: a scalar and an array of it,
+        # None and -inf, bounds that bound nothing and no bounds digest alike.
+        self.digest = "none" if not self.bounds_something else "".join(
+            f"{zlib.crc32(np.ascontiguousarray(np.broadcast_to(side, shape)).tobytes()):08x}"
+            for side in (lo, hi))
         self._work = xp.empty(shape, dtype=dtype)
         self._work2 = xp.empty(shape, dtype=dtype)
 
