@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dense_reference import dense_inverse_bfgs
+from dense_reference import dense_direct_bfgs, dense_inverse_bfgs
 
-from hpcqn.curvature.gram_history import GramHistory
+from hpcqn.curvature.gram_history import GramHistory, SubspaceHistory
 
 EPS = float(np.finfo(np.float64).eps)
 
@@ -95,3 +95,47 @@ def test_local_products_of_split_vectors_sum_to_global():
         accepted = whole.absorb(summed, slot, EPS)
         for part in pieces:
             assert part.absorb(summed, slot, EPS) == accepted
+
+
+@pytest.mark.parametrize("history_length,n_binding", [(1, 4), (3, 0), (3, 5), (5, 11)])
+def test_subspace_direction_equals_dense_reduced_newton_step(history_length, n_binding):
+    """The bounded run's direction is L-BFGS-B's subspace step: on the free variables
+    ``d_F = -(B_FF)^-1 g_F`` with ``B`` the dense direct BFGS matrix (a different
+    recursion from the compact form the code uses), zero on the binding ones; split over
+    two "ranks" (slices whose products are summed) as under MPI."""
+    rng = np.random.default_rng(11)
+    n = 12
+    q = rng.standard_normal((n, n))
+    a = q @ q.T + n * np.eye(n)
+    halves = (slice(0, 5), slice(5, n))
+    parts = [SubspaceHistory(h.stop - h.start, history_length, np, np.float64) for h in halves]
+    stored: list[tuple[np.ndarray, np.ndarray]] = []
+    for _ in range(2 * history_length + 2):
+        g = rng.standard_normal(n)
+        binding = np.zeros(n, dtype=bool)
+        binding[rng.choice(n, n_binding, replace=False)] = True
+        g_free = np.where(binding, 0.0, g)
+        s, y = random_pair(rng, a)
+        slot = parts[0].free_slot()
+        products = 0.0
+        for part, h in zip(parts, halves, strict=True):
+            s_row, y_row = part.pair_rows(slot)
+            s_row[:], y_row[:] = s[h], y[h]
+            part.set_binding(binding[h])
+            products = products + part.local_products(slot, g_free[h])
+        for part in parts:
+            assert part.absorb(products, slot, EPS)
+        stored = (stored + [(s, y)])[-history_length:]
+        deltas = [part.direction_coefficients() for part in parts]
+        np.testing.assert_array_equal(deltas[0], deltas[1])
+        d = np.concatenate([part.combine(deltas[0], g_free[h], np.empty(h.stop - h.start))
+                            for part, h in zip(parts, halves, strict=True)])
+        d[binding] = 0.0
+        free = ~binding
+        b = dense_direct_bfgs(stored, n)
+        expected = np.zeros(n)
+        expected[free] = -np.linalg.solve(b[np.ix_(free, free)], g[free])
+        np.testing.assert_allclose(d, expected, rtol=1e-9, atol=1e-11)
+        assert parts[0].dot_g(deltas[0]) == pytest.approx(d @ g, rel=1e-9)
+        assert parts[0].gradient_norm2(products) == pytest.approx(g_free @ g_free, rel=1e-12)
+        assert parts[0].fallbacks == 0

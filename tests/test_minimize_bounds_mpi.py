@@ -55,12 +55,12 @@ def nactive(x, lo, hi) -> int:
     return int(((x == lo) | (x == hi)).sum())
 
 
-def check_against(res, ref, lo, hi, part):
+def check_against(res, ref, lo, hi, part, xtol=1e-8):
     assert res.success and ref.success, res.message
     # Sums over ranks round differently on each rank count: the paths may part by a
     # few iterations (measured: see the report of issue 17).
     assert abs(res.nit - ref.nit) <= max(2, 0.1 * ref.nit)
-    assert relative_error(res.x_global, ref.x) <= 1e-8
+    assert relative_error(res.x_global, ref.x) <= xtol
     np.testing.assert_array_equal(res.x, res.x_global[part])
     assert res.nactive == ref.nactive == nactive(ref.x, lo, hi) > 0
     assert nactive(res.x_global, lo, hi) == ref.nactive
@@ -150,7 +150,9 @@ def test_one_sided_bounds_differing_by_rank(comm):
                          options={**options(1e-6), "gather_x": True})
     ref = reference(problem, lo, hi, 1e-6)
     np.testing.assert_allclose(ref.x, np.clip(problem.solution(), lo, hi), atol=2e-6)
-    check_against(res, ref, lo, hi, part)
+    # Condition number 1e4 and a stop at gtol 1e-6: two paths that part by rounding stop
+    # up to ~1e-7 (relative) apart (measured on 3 ranks: 9.8e-8, 190 vs 186 iterations).
+    check_against(res, ref, lo, hi, part, xtol=1e-6)
 
 
 BAD = ["lo > hi", "NaN", "wrong shape", "lo > hi, rank 0 None"]

@@ -15,6 +15,7 @@ over ranks by the caller in ONE reduction. Nothing here communicates.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any
 
@@ -180,3 +181,99 @@ class GramHistory:
         else:
             out[...] = float(delta[self.g_index]) * g
         return out
+
+
+class SubspaceHistory(GramHistory):
+    """:class:`GramHistory` for a bounded run: the direction is L-BFGS-B's subspace step
+    on the free variables (Byrd, Lu, Nocedal and Zhu 1995, section 5, taken from the
+    current point instead of the Cauchy point; docs/algorithms.md, section 1.11),
+    ``d_F = -(Z^T B Z)^-1 g_F`` with ``B = theta I - W M W^T`` the compact form of the
+    L-BFGS matrix and ``Z`` the free variables.
+
+    ``Z^T B Z`` needs the history's products restricted to the free variables: the full
+    products (the Gram matrix) minus those over the binding set ``A``, which every rank
+    computes for its slice and the closing reduction sums with the other products (the
+    upper triangle of the used rows, appended). Still one reduction an iteration.
+    """
+
+    def __init__(self, n_local: int, history: int, xp: ModuleType, dtype: Any):
+        super().__init__(n_local, history, xp, dtype)
+        self.binding_products = np.zeros((2 * (history + 1), 2 * (history + 1)))
+        self._binding: Any = None
+        self.fallbacks = 0  # directions that fell back to the two-loop (singular system)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "binding_products": self.binding_products.copy()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        super().load_state_dict(saved)
+        self.binding_products[...] = saved["binding_products"]
+
+    def set_binding(self, mask: Any) -> None:
+        """The binding set of the point whose products come next (a boolean array)."""
+        self._binding = mask
+
+    def products_size(self, slot: int) -> int:
+        rows = self._rows_for(slot)
+        return super().products_size(slot) + rows * (rows + 1) // 2
+
+    def local_products(self, slot: int, g: Any) -> np.ndarray:
+        """:meth:`GramHistory.local_products`, then the upper triangle of this slice's
+        products of the used rows over the binding set."""
+        rows = self._rows_for(slot)
+        restricted = np.zeros((rows, rows))
+        if self._binding is not None and bool(self._binding.any()):
+            part = self.vectors[:rows, :][:, self._binding]
+            restricted = to_host(part @ part.T).astype(np.float64)
+        upper = np.triu_indices(rows)
+        return np.concatenate([super().local_products(slot, g), restricted[upper]])
+
+    def absorb(self, products: np.ndarray, slot: int, eps: float) -> bool:
+        rows = self._rows_for(slot)
+        plain = super().products_size(slot)
+        accepted = super().absorb(products[:plain], slot, eps)
+        self._gg = float(products[plain - 1])
+        table = np.zeros((rows, rows))
+        table[np.triu_indices(rows)] = products[plain:]
+        table = table + np.triu(table, 1).T
+        self.binding_products[:rows, :rows] = table
+        return accepted
+
+    def gradient_norm2(self, products: np.ndarray) -> float:
+        return self._gg  # the plain products' last entry, read by absorb
+
+    def direction_coefficients(self) -> np.ndarray:
+        """``delta`` with ``P_F(sum_j delta_j b_j) = -(Z^T B Z)^-1 g_F``, by the
+        Sherman-Morrison-Woodbury form ``(Z^T B Z)^-1 = I/theta + W_F K^-1 W_F^T/theta^2``,
+        ``K = M^-1 - W_F^T W_F / theta`` (``2m x 2m``); the two-loop's ``-H g_F`` when
+        there is no pair or ``K`` is singular."""
+        if not self.order:
+            return super().direction_coefficients()
+        gram, restricted, gi = self.gram, self.binding_products, self.g_index
+        s_idx = [2 * slot for slot in self.order]
+        y_idx = [2 * slot + 1 for slot in self.order]
+        m = len(self.order)
+        ss, sy, yy = (gram[np.ix_(a, b)] for a, b in ((s_idx, s_idx), (s_idx, y_idx),
+                                                         (y_idx, y_idx)))
+        ss_f, sy_f, yy_f = (block - restricted[np.ix_(a, b)] for block, (a, b) in
+                            ((ss, (s_idx, s_idx)), (sy, (s_idx, y_idx)),
+                             (yy, (y_idx, y_idx))))
+        newest = self.order[-1]
+        theta = gram[2 * newest + 1, 2 * newest + 1] / gram[2 * newest, 2 * newest + 1]
+        lower = np.tril(sy, -1)  # L_ij = s_i . y_j for i > j (oldest first)
+        m_inverse = np.block([[-np.diag(np.diag(sy)), lower.T], [lower, theta * ss]])
+        wf_wf = np.block([[yy_f, theta * sy_f.T], [theta * sy_f, theta**2 * ss_f]])
+        w_g = np.concatenate([gram[y_idx, gi], theta * gram[s_idx, gi]])
+        try:
+            u = np.linalg.solve(m_inverse - wf_wf / theta, w_g)
+        except np.linalg.LinAlgError:
+            u = np.full(2 * m, np.nan)
+        delta = np.zeros(gi + 1)
+        delta[gi] = -1.0 / theta
+        delta[y_idx] = -u[:m] / theta**2
+        delta[s_idx] = -u[m:] / theta
+        slope = self.dot_g(delta)
+        if not (np.isfinite(delta).all() and slope < 0.0 and math.isfinite(slope)):
+            self.fallbacks += 1
+            return super().direction_coefficients()
+        return delta

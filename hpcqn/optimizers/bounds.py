@@ -109,14 +109,14 @@ class Box:
         pg = xp.where(g < 0, up, down)
         return float(abs(pg).max())
 
-    def _binding(self, x: Any, g: Any) -> Any:
+    def binding(self, x: Any, g: Any) -> Any:
         """Variables held at a bound by the gradient (it points out of the box there)."""
         return ((x <= self.lo) & (g > 0)) | ((x >= self.hi) & (g < 0))
 
-    def free_gradient(self, x: Any, g: Any, out: Any) -> Any:
+    def free_gradient(self, x: Any, g: Any, out: Any, binding: Any = None) -> Any:
         """``g`` with the binding variables zeroed, into ``out``."""
         out[...] = g
-        out[self._binding(x, g)] = 0
+        out[self.binding(x, g) if binding is None else binding] = 0
         return out
 
     def restrict(self, x: Any, g: Any, d: Any) -> Any:

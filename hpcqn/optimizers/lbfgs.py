@@ -28,7 +28,7 @@ import numpy as np
 
 from ..backend import namespace
 from ..comm import Communicator
-from ..curvature.gram_history import GramHistory
+from ..curvature.gram_history import GramHistory, SubspaceHistory
 from ..curvature.linesearch import CONVERGED, EVALUATE, Backtracking, MoreThuente
 from ..curvature.metric_history import MetricHistory
 from ..options import Rule, check, declared
@@ -321,9 +321,11 @@ class LBFGS:
         self.bounded = bounded
         if not bounded:  # every rank's bounds bound nothing: the unconstrained iteration
             self.box, self._gf = None, self.g
-        elif self.box is None:
-            self.box = Box.unbounded(self.x)
-            self._gf = xp.array(self.g, copy=True)  # no bounds here: g is free
+        else:
+            if self.box is None:
+                self.box = Box.unbounded(self.x)
+                self._gf = xp.array(self.g, copy=True)  # no bounds here: g is free
+            self.history = SubspaceHistory(n_local, int(opt.history), xp, self.x.dtype)
         self.history.set_gradient_norm2(gg)
         self.f, self.ginf, self.gg, self.g0norm = f, ginf, gg, math.sqrt(gg)
         self._direction = xp.empty_like(self.x)
@@ -456,7 +458,9 @@ class LBFGS:
             if box is None:
                 self._gf = self.g
             else:
-                box.free_gradient(self.x, self.g, self._gf)
+                binding = box.binding(self.x, self.g)
+                box.free_gradient(self.x, self.g, self._gf, binding)
+                history.set_binding(binding)
             local = history.local_products(slot, self._gf)
             if box is not None:
                 local = np.append(local, box.nactive(self.x))
