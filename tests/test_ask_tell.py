@@ -1,0 +1,123 @@
+"""hpcqn.Minimizer, the ask-and-tell form of hpcqn.minimize: the same iterates, its
+checkpoints, and its misuse (serial; tests/test_ask_tell_mpi.py runs it on 1-3 ranks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hpcqn
+from hpcqn.experiments.problems import make_problem
+
+OPTIONS = {"gtol": 1e-9, "history": 5}
+
+
+def rosenbrock():
+    problem = make_problem("extended_rosenbrock", n=200)
+    return problem.distributed(hpcqn.serial_comm())
+
+
+def drive(solver, fun, until=None):
+    """Ask and tell until done (or until ``until`` points were told); the told points."""
+    points = []
+    while not solver.done and (until is None or len(points) < until):
+        x = solver.ask()
+        points.append(x.copy())
+        solver.tell(*fun(x))
+    return points
+
+
+def test_ask_and_tell_gives_the_iterates_of_minimize():
+    fun, x0 = rosenbrock()
+    evaluated = []
+
+    def recorded(x):
+        evaluated.append(x.copy())
+        return fun(x)
+
+    res = hpcqn.minimize(recorded, x0, options=OPTIONS)
+    solver = hpcqn.Minimizer(x0, options=OPTIONS)
+    asked = drive(solver, fun)
+    out = solver.result()
+    assert res.success and out.success and res.nit > 30
+    assert len(asked) == len(evaluated) == res.nfev
+    for a, b in zip(asked, evaluated, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(out.x, res.x)
+    assert (out.nit, out.nfev, out.fun, out.nallreduce) == (res.nit, res.nfev, res.fun,
+                                                            res.nallreduce)
+
+
+@pytest.mark.parametrize("stop_after", [1, 7, 40])
+def test_state_dict_in_the_middle_continues_the_same_run(stop_after):
+    """A state taken after any number of evaluations (also inside a line search) is the
+    last accepted iterate's; a fresh solver loaded with it repeats the remaining
+    evaluations of the uninterrupted run exactly."""
+    fun, x0 = rosenbrock()
+    straight = hpcqn.Minimizer(x0, options=OPTIONS)
+    everything = drive(straight, fun)
+    first = hpcqn.Minimizer(x0, options=OPTIONS)
+    drive(first, fun, until=stop_after)
+    state = first.state_dict()
+    nfev_at_state = state["nfev"]
+    second = hpcqn.Minimizer(x0, options=OPTIONS)
+    second.load_state_dict(state)
+    rest = drive(second, fun)
+    # The resumed solver evaluates x0 once (every rank's start check), then the run
+    # continues from the state's iterate with the uninterrupted run's points.
+    np.testing.assert_array_equal(rest[0], x0)
+    for a, b in zip(rest[1:], everything[nfev_at_state:], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(second.result().x, straight.result().x)
+    assert second.result().nit == straight.result().nit
+    assert second.result().nfev == straight.result().nfev
+
+
+def test_checkpoint_dir_resumes_a_minimizer(tmp_path):
+    fun, x0 = rosenbrock()
+    straight = hpcqn.Minimizer(x0, options=OPTIONS)
+    drive(straight, fun)
+    interrupted = hpcqn.Minimizer(x0, options=OPTIONS, checkpoint_dir=tmp_path,
+                                  checkpoint_every=5)
+    drive(interrupted, fun, until=30)  # the process "dies" here
+    resumed = hpcqn.Minimizer(x0, options=OPTIONS, checkpoint_dir=tmp_path)
+    told = drive(resumed, fun)
+    np.testing.assert_array_equal(resumed.result().x, straight.result().x)
+    assert resumed.result().nit == straight.result().nit
+    assert len(told) < straight.result().nfev - 10  # it did resume
+
+
+def test_misuse_is_a_clear_error():
+    fun, x0 = rosenbrock()
+    solver = hpcqn.Minimizer(x0, options=OPTIONS)
+    with pytest.raises(RuntimeError, match="ask"):
+        solver.tell(*fun(x0))  # no point asked yet
+    with pytest.raises(RuntimeError, match="finished"):
+        solver.result()
+    with pytest.raises(RuntimeError, match="first evaluation"):
+        solver.state_dict()
+    x = solver.ask()
+    np.testing.assert_array_equal(solver.ask(), x)  # the same point until told
+    with pytest.raises(ValueError, match="read-only"):
+        x[0] = 1.0  # the solver's own buffer cannot be changed through ask()
+    with pytest.raises(RuntimeError, match="before the first ask"):
+        solver.load_state_dict({})
+    drive(solver, fun)
+    assert solver.result().success
+    with pytest.raises(RuntimeError, match="finished"):
+        solver.ask()
+
+
+def test_a_bad_evaluation_raises_and_ends_the_solver():
+    fun, x0 = rosenbrock()
+    solver = hpcqn.Minimizer(x0, options=OPTIONS)
+    x = solver.ask()
+    with pytest.raises(hpcqn.FunctionError, match="shape"):
+        solver.tell(1.0, np.zeros(3))
+    assert solver.done
+    solver = hpcqn.Minimizer(x0, options=OPTIONS)
+    solver.ask()
+    with pytest.raises(ZeroDivisionError):
+        solver.fail(ZeroDivisionError("the simulation diverged"))
+    assert solver.done
+    del x
