@@ -190,28 +190,49 @@ class SubspaceHistory(GramHistory):
     ``d_F = -(Z^T B Z)^-1 g_F`` with ``B = theta I - W M W^T`` the compact form of the
     L-BFGS matrix and ``Z`` the free variables.
 
-    ``Z^T B Z`` needs the history's products restricted to the free variables: the full
-    products (the Gram matrix) minus those over the binding set ``A``, which every rank
-    computes for its slice and the closing reduction sums with the other products (the
-    upper triangle of the used rows, appended). Still one reduction an iteration.
+    ``Z^T B Z`` needs the history's products restricted to the free variables ``F``,
+    which every rank keeps for its slice (``local_free``) and the closing reduction sums
+    with the other products (the upper triangle of the used rows, appended): still one
+    reduction an iteration. (Not the Gram matrix minus the products over the binding
+    set: when the steps lie mostly on variables now at a bound, that difference cancels.)
+    The local table is updated, not recomputed: the new pair's rows come from the same
+    pass over the history that the plain products make, and the variables that entered
+    or left ``F`` since the last point add or remove their outer products
+    (``O(changed r^2)``); it is recomputed whole every :attr:`REFRESH` iterations, or
+    when many variables changed.
     """
+
+    REFRESH = 64
 
     def __init__(self, n_local: int, history: int, xp: ModuleType, dtype: Any):
         super().__init__(n_local, history, xp, dtype)
-        self.binding_products = np.zeros((2 * (history + 1), 2 * (history + 1)))
-        self._binding: Any = None
+        size = 2 * (history + 1)
+        self.free_products = np.zeros((size, size))  # summed over ranks
+        self.local_free = np.zeros((size, size))  # this slice's part
+        self._free: Any = None  # of the point whose products come next
+        self._previous: Any = None  # the free set the local table is of
+        self._age = 0  # updates since the last whole recomputation
         self.fallbacks = 0  # directions that fell back to the two-loop (singular system)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "binding_products": self.binding_products.copy()}
+        previous = (np.zeros(0, dtype=np.uint8) if self._previous is None
+                    else to_host(self._previous).astype(np.uint8))
+        return {**super().state_dict(), "free_products": self.free_products.copy(),
+                "local_free": self.local_free.copy(), "previous_free": previous,
+                "free_age": self._age}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         super().load_state_dict(saved)
-        self.binding_products[...] = saved["binding_products"]
+        self.free_products[...] = saved["free_products"]
+        self.local_free[...] = saved["local_free"]
+        previous = np.asarray(saved["previous_free"])
+        self._previous = (None if previous.size != self.vectors.shape[1] or not previous.size
+                          else self.xp.asarray(previous.astype(bool)))
+        self._age = int(saved["free_age"])
 
     def set_binding(self, mask: Any) -> None:
         """The binding set of the point whose products come next (a boolean array)."""
-        self._binding = mask
+        self._free = ~mask
 
     def products_size(self, slot: int) -> int:
         rows = self._rows_for(slot)
@@ -219,14 +240,40 @@ class SubspaceHistory(GramHistory):
 
     def local_products(self, slot: int, g: Any) -> np.ndarray:
         """:meth:`GramHistory.local_products`, then the upper triangle of this slice's
-        products of the used rows over the binding set."""
-        rows = self._rows_for(slot)
-        restricted = np.zeros((rows, rows))
-        if self._binding is not None and bool(self._binding.any()):
-            part = self.vectors[:rows, :][:, self._binding]
-            restricted = to_host(part @ part.T).astype(np.float64)
-        upper = np.triu_indices(rows)
-        return np.concatenate([super().local_products(slot, g), restricted[upper]])
+        products of the used rows over the free variables."""
+        xp, rows, mask, previous = self.xp, self._rows_for(slot), self._free, self._previous
+        s_i, y_i = 2 * slot, 2 * slot + 1
+        table = self.local_free
+        changed = None
+        if previous is not None and self._age < self.REFRESH:
+            entering, leaving = mask & ~previous, previous & ~mask
+            n_changed = int(entering.sum()) + int(leaving.sum())
+            if 2 * n_changed <= int(mask.sum()) or n_changed <= 2 * rows:
+                changed = entering, leaving
+        if changed is None or not self.vectors.shape[1]:
+            plain = super().local_products(slot, g)
+            table[...] = 0.0
+            if bool(mask.any()):
+                part = self.vectors[:rows, :][:, mask]
+                table[:rows, :rows] = to_host(part @ part.T)
+            self._age = 0
+        else:
+            s_new, y_new = self.pair_rows(slot)
+            columns = xp.stack([s_new, y_new, g, s_new * mask, y_new * mask])
+            products = to_host(self.vectors[:rows, :] @ columns.T).astype(np.float64)
+            plain = np.empty(3 * rows + 1)
+            plain[:-1] = products[:, :3].ravel()
+            plain[-1] = float(g @ g)
+            old = [r for r in range(rows) if r not in (s_i, y_i)]
+            for sign, chosen in zip((1.0, -1.0), changed, strict=True):
+                if old and bool(chosen.any()):
+                    part = self.vectors[old, :][:, chosen]
+                    table[np.ix_(old, old)] += sign * to_host(part @ part.T)
+            table[:rows, s_i] = table[s_i, :rows] = products[:, 3]
+            table[:rows, y_i] = table[y_i, :rows] = products[:, 4]
+            self._age += 1
+        self._previous = xp.array(mask, copy=True)
+        return np.concatenate([plain, table[:rows, :rows][np.triu_indices(rows)]])
 
     def absorb(self, products: np.ndarray, slot: int, eps: float) -> bool:
         rows = self._rows_for(slot)
@@ -236,7 +283,7 @@ class SubspaceHistory(GramHistory):
         table = np.zeros((rows, rows))
         table[np.triu_indices(rows)] = products[plain:]
         table = table + np.triu(table, 1).T
-        self.binding_products[:rows, :rows] = table
+        self.free_products[:rows, :rows] = table
         return accepted
 
     def gradient_norm2(self, products: np.ndarray) -> float:
@@ -249,15 +296,14 @@ class SubspaceHistory(GramHistory):
         there is no pair or ``K`` is singular."""
         if not self.order:
             return super().direction_coefficients()
-        gram, restricted, gi = self.gram, self.binding_products, self.g_index
+        gram, free, gi = self.gram, self.free_products, self.g_index
         s_idx = [2 * slot for slot in self.order]
         y_idx = [2 * slot + 1 for slot in self.order]
         m = len(self.order)
         ss, sy, yy = (gram[np.ix_(a, b)] for a, b in ((s_idx, s_idx), (s_idx, y_idx),
                                                          (y_idx, y_idx)))
-        ss_f, sy_f, yy_f = (block - restricted[np.ix_(a, b)] for block, (a, b) in
-                            ((ss, (s_idx, s_idx)), (sy, (s_idx, y_idx)),
-                             (yy, (y_idx, y_idx))))
+        ss_f, sy_f, yy_f = (free[np.ix_(a, b)] for a, b in
+                            ((s_idx, s_idx), (s_idx, y_idx), (y_idx, y_idx)))
         newest = self.order[-1]
         theta = gram[2 * newest + 1, 2 * newest + 1] / gram[2 * newest, 2 * newest + 1]
         lower = np.tril(sy, -1)  # L_ij = s_i . y_j for i > j (oldest first)
