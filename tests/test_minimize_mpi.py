@@ -115,6 +115,43 @@ def test_one_reduction_per_iteration_plus_one_per_trial(comm):
     assert res.nallreduce == mpi.calls["Allgather"]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("variant", ["bounds", "H0", "inner"])
+def test_bounds_and_metrics_keep_one_reduction_per_trial_and_iteration(comm, variant):
+    """Bounds (the subspace step's products ride in the closing reduction), H0 and a
+    user inner product (their products too): the same count of MPI calls as the
+    unconstrained run, 2 + (nfev - 1) + nit, and nothing else."""
+    if comm.size == 1:
+        pytest.skip("a one-rank communicator makes no MPI calls")
+    problem = make_problem("extended_rosenbrock", n=200)
+    fun, x0 = problem.distributed(comm)
+    weights = 1.0 + np.arange(x0.size) % 3  # a diagonal "mass": local H0 and inner
+    kwargs = {"bounds": {"bounds": (-0.5, 0.8)},
+              "H0": {"H0": lambda v: v / weights},
+              "inner": {"inner": lambda u, v: float(u @ (weights * v))}}[variant]
+    if variant == "inner":
+        plain = fun
+
+        def fun(x):  # the gradient in that inner product
+            f, g = plain(x)
+            return f, g / weights
+
+    evaluations = []
+
+    def counted(x):
+        evaluations.append(1)
+        return fun(x)
+
+    mpi = CountingComm(comm.mpi_comm)
+    res = hpcqn.minimize(counted, x0, comm=hpcqn.Communicator(mpi), **kwargs)
+    assert res.success, res.message
+    assert res.nfev == len(evaluations)
+    assert mpi.calls == {"Allgather": 2 + (len(evaluations) - 1) + res.nit}
+    assert res.nallreduce == mpi.calls["Allgather"]
+    assert (res.nactive > 0) == (variant == "bounds")
+
+
+
 def test_reductions_inside_fun_are_not_the_solvers(comm):
     problem = make_problem("logistic", n=31)  # its callback reduces the margins itself
     fun, x0 = problem.distributed(comm)
