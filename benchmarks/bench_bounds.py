@@ -66,7 +66,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import scipy.optimize  # noqa: E402
-from common import machine  # noqa: E402
+from common import Run, machine  # noqa: E402
 
 import hpcqn  # noqa: E402
 from hpcqn.experiments.minpack2 import PROBLEMS, Membrane, make  # noqa: E402
@@ -80,16 +80,6 @@ MPI_RANKS = 2
 SIZES = [10_000, 100_000, 1_000_000]
 
 
-@dataclass
-class Run:
-    """One timed solve."""
-
-    nit: int
-    nfev: int
-    fun: float
-    seconds: float
-    success: bool
-    message: str
 
 
 @dataclass

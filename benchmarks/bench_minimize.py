@@ -44,7 +44,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import scipy.optimize  # noqa: E402
-from common import machine, triad_bandwidth  # noqa: E402
+from common import Run, machine, triad_bandwidth  # noqa: E402
 
 import hpcqn  # noqa: E402
 from hpcqn.experiments.problems import make_problem  # noqa: E402
@@ -59,15 +59,6 @@ TRIAD_N = 10_000_000
 TRIAD_REPEATS = 5
 
 
-@dataclass
-class Run:
-    """One timed solve."""
-
-    nit: int
-    nfev: int
-    fun: float
-    seconds: float
-    success: bool
 
 
 @dataclass

@@ -6,6 +6,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -81,3 +82,15 @@ def history_products_timer(
         return time.perf_counter() - start
 
     return run
+
+
+@dataclass
+class Run:
+    """One timed solve (bench_minimize.py, bench_bounds.py)."""
+
+    nit: int
+    nfev: int
+    fun: float
+    seconds: float
+    success: bool
+    message: str = ""

@@ -181,6 +181,7 @@ class Minimizer:
         self._steps: Generator[Any, Any, None] | None = None
         self._point: Any = None
         self._result: OptimizeResult | None = None
+        self._failure: BaseException | None = None
         self.done = False
 
     # -- the run as a generator of points ----------------------------------------------
@@ -209,12 +210,14 @@ class Minimizer:
         except StopIteration:
             self._point, self.done = None, True
             self._result = self._finish()
-        except BaseException:
-            self._point, self.done = None, True
+        except BaseException as exc:
+            self._point, self.done, self._failure = None, True, exc
             raise
 
     def _next(self) -> Any:
         """The next point (the solver's own buffer: not to be written)."""
+        if self._failure is not None:
+            raise RuntimeError(f"the solver stopped on an error: {self._failure!r}")
         if self.done:
             raise RuntimeError("the solver has finished: see result()")
         if self._steps is None:
@@ -252,6 +255,9 @@ class Minimizer:
 
     def result(self) -> OptimizeResult:
         """The result, as :func:`minimize` returns it (once :attr:`done`)."""
+        if self._failure is not None:
+            raise RuntimeError(f"the solver stopped on an error, no result: "
+                               f"{self._failure!r}")
         if self._result is None:
             raise RuntimeError("the solver has not finished: ask() and tell() until done")
         return self._result

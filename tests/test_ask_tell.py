@@ -115,6 +115,9 @@ def test_a_bad_evaluation_raises_and_ends_the_solver():
     with pytest.raises(hpcqn.FunctionError, match="shape"):
         solver.tell(1.0, np.zeros(3))
     assert solver.done
+    for call in (solver.ask, solver.result):
+        with pytest.raises(RuntimeError, match="stopped on an error.*shape"):
+            call()
     solver = hpcqn.Minimizer(x0, options=OPTIONS)
     solver.ask()
     with pytest.raises(ZeroDivisionError):
