@@ -299,10 +299,17 @@ def reference_mlbfgs(x, grad, steps, blocks, lr, history, period, beta, mu, damp
     return x
 
 
+def torch_kernels():
+    return pytest.importorskip("hpcqn.torch.mlbfgs").TORCH_KERNELS
+
+
+@pytest.mark.parametrize("kernels", ["numpy", "torch"])
 @pytest.mark.parametrize("beta, mu", [(0.5, 0.5), (0.99, 0.9), (1e-7, 1e-7)])
-def test_many_steps_equal_the_dense_reference(beta, mu):
+def test_many_steps_equal_the_dense_reference(beta, mu, kernels):
     """80 steps, period 30: with beta = mu = 0.5 the stored scales pass 1e-6 between pairs
-    and are multiplied back into the buffers; 1e-7 takes the direct path."""
+    and are multiplied back into the buffers; 1e-7 takes the direct path. ``torch``: the
+    torch bridge's kernels (torch's products, the fused one-pass heavy-ball with the
+    buffer stored divided by the step's scale), the same reference."""
     a = np.diag(np.linspace(1.0, 20.0, 10))
     grad = lambda x: a @ x  # noqa: E731
     layout = BlockLayout.from_sizes([6, 4], 1)
@@ -310,9 +317,30 @@ def test_many_steps_equal_the_dense_reference(beta, mu):
     x0 = np.linspace(-1.0, 1.0, 10)
     opt = MLBFGS(layout, hpcqn.serial_comm(), lr=0.02, history=3, period=30, beta=beta,
                  direction_momentum=mu)
+    if kernels == "torch":
+        opt.kernels = torch_kernels()
+        assert opt.kernels.fused_heavy_ball
     x = x0.copy()
     for _ in range(80):
         opt.step(x, grad(x))
     assert opt.statistics()["npairs"] == 4
     expected = reference_mlbfgs(x0, grad, 80, blocks, 0.02, 3, 30, beta, mu)
     np.testing.assert_allclose(x, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_compact_map_is_the_dense_inverse_minus_gamma():
+    """The precomputed map K of the history (built once per push): V' K V + gamma I equals
+    the dense inverse BFGS matrix (float64), also after the ring buffer wraps."""
+    rng = np.random.default_rng(5)
+    n, m = 12, 4
+    history = BlockHistory(n, m, np, np.float64)
+    pairs = []
+    for _ in range(m + 3):
+        s = rng.standard_normal(n)
+        y = damped(s, rng.standard_normal(n) + s)
+        history.push(s, y)
+        pairs = (pairs + [(s, y)])[-m:]
+        k, gamma = history.linear_map()
+        dense = history.vectors.T @ k @ history.vectors + gamma * np.eye(n)
+        np.testing.assert_allclose(dense, dense_inverse_bfgs(pairs, n), rtol=1e-9,
+                                   atol=1e-9 * np.abs(dense).max())

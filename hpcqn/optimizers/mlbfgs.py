@@ -41,7 +41,7 @@ from typing import Any
 
 from .. import options
 from ..backend import axpy, namespace
-from ..curvature.block_history import BlockHistory
+from ..curvature.block_history import DEFAULT_KERNELS, BlockHistory, Kernels
 from ..curvature.damping import SIGMA_H, SIGMA_L, accept_pair
 from ..layout import BlockLayout
 from ..options import Rule
@@ -110,6 +110,8 @@ class MLBFGS(BlockOptimizer):
         self.normalize_direction = bool(normalize_direction)
         self.direction_momentum = float(direction_momentum)
         self.min_cos = float(min_cos)
+        # The large products and the heavy-ball update (hpcqn.torch.MLBFGS sets faster ones).
+        self.kernels: Kernels = DEFAULT_KERNELS
 
     # -- per block -------------------------------------------------------------------------
     def init_block(self, block: int, theta: Any, g: Any) -> State:
@@ -175,7 +177,10 @@ class MLBFGS(BlockOptimizer):
         if not len(history):
             return g  # first-order warm-up until the block has a pair
         with phase(self.timer, "precondition"):
-            return history.apply(g, namespace(g).empty_like(g))
+            # The directions of all owned blocks live until the update: one buffer per rank.
+            count = self.layout.counts[self.rank]
+            out = self._buffer("direction", count, g)[self.segment[block]]
+            return history.apply(g, out, self.kernels)
 
     def direction_scale(self, directions: dict[int, Any]) -> float:
         if not self.normalize_direction:
@@ -188,7 +193,14 @@ class MLBFGS(BlockOptimizer):
               scale: float) -> None:
         """Heavy-ball on the normalised direction, as the released code:
         ``v = mu v + scale d``, ``theta -= lr v``."""
-        if self.direction_momentum:
+        if self.direction_momentum and self.kernels.fused_heavy_ball:
+            # v = dir_mom * dir_scale; mu v + scale d = scale (mu dir_scale / scale dir_mom
+            # + d): one fused pass over theta, d and the buffer, which then holds v / scale.
+            self.kernels.heavy_ball(theta, d, state["dir_mom"],
+                                    self.direction_momentum * state["dir_scale"] / scale,
+                                    lr * scale)
+            state["dir_scale"] = scale
+        elif self.direction_momentum:
             # v = mu v + scale d with v stored as dir_mom * dir_scale: two passes, not three.
             buf = state["dir_mom"]
             factor = state["dir_scale"] * self.direction_momentum

@@ -44,6 +44,7 @@ import torch
 
 from .. import backend, options
 from ..comm import Communicator, get_comm
+from ..curvature.block_history import Kernels
 from ..layout import BlockLayout
 from ..optimizers.mlbfgs import MLBFGS as CoreMLBFGS
 from ..options import Rule
@@ -161,6 +162,7 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
                               model=model_description(params), what="hpcqn.torch.MLBFGS")
         self.core = CoreMLBFGS(layout, self.comm, lr=lr, weight_decay=weight_decay,
                                **core_options)
+        self.core.kernels = TORCH_KERNELS
         self.defaults["momentum"] = self.core.direction_momentum
         self.param_groups[0].setdefault("momentum", self.core.direction_momentum)
 
@@ -360,6 +362,41 @@ ONE_GROUP = ("hpcqn.torch.MLBFGS takes one parameter group (pass model.parameter
              "core takes one lr and weight_decay for all blocks; set the block structure "
              "with blocks=, or use hpcqn.torch.MKOR / hpcqn.torch.KFAC with a torch.optim "
              "optimizer over several groups for per-group options")
+
+
+class TorchKernels(Kernels):
+    """The core's large products and its heavy-ball update through torch on the same
+    (host) memory: torch's BLAS matrix-vector products, and its fused SGD kernel for
+    ``buf = momentum buf + d; theta -= lr buf`` in one pass (the NumPy forms take two).
+    Arrays that are not NumPy (a GPU run's CuPy arrays) take the core's own kernels."""
+
+    fused_heavy_ball = hasattr(torch, "_fused_sgd_")
+
+    def products(self, vectors: Any, g: Any) -> np.ndarray:
+        if not isinstance(vectors, np.ndarray):
+            return super().products(vectors, g)
+        return torch.mv(torch.from_numpy(vectors), torch.from_numpy(g)).numpy()
+
+    def combine(self, coeffs: np.ndarray, vectors: Any, gamma: float, g: Any, out: Any) -> Any:
+        if not isinstance(vectors, np.ndarray):
+            return super().combine(coeffs, vectors, gamma, g, out)
+        result = torch.from_numpy(out)
+        torch.mv(torch.from_numpy(vectors).t(),
+                 torch.from_numpy(coeffs.astype(vectors.dtype)), out=result)
+        result.add_(torch.from_numpy(g), alpha=gamma)
+        return out
+
+    def heavy_ball(self, theta: Any, d: Any, buf: Any, momentum: float, lr: float) -> None:
+        if not isinstance(theta, np.ndarray):
+            super().heavy_ball(theta, d, buf, momentum, lr)
+            return
+        torch._fused_sgd_([torch.from_numpy(theta)], [torch.from_numpy(d)],
+                          [torch.from_numpy(buf)], weight_decay=0.0, momentum=momentum,
+                          lr=lr, dampening=0.0, nesterov=False, maximize=False,
+                          is_first_step=False)
+
+
+TORCH_KERNELS = TorchKernels()
 
 
 class _AttachGrad:
