@@ -31,6 +31,7 @@ setup(
         "torch": ["torch>=2.1,<3"],
         "gpu": ["cupy-cuda12x>=13"],
         "plot": ["matplotlib>=3.5"],
+        "bench": ["pytorch-optimizer>=4.1,<5"],
         # hpcqn.experiments (the built-in problems and the jobs of `hpcqn run`): their data
         # sets ship with scikit-learn.
         "experiments": ["scikit-learn>=1.2"],

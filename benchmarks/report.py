@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE))
 import report_common as rc
 from common import machine
 
-SECTIONS = ("convergence", "breakdown", "scaling", "factors", "minimize", "comm")
+SECTIONS = ("convergence", "breakdown", "scaling", "factors", "minimize", "comm", "race")
 # Methods whose layer hooks record statistics during forward and backward.
 HOOKED = ("kfac", "mkor", "mkor_h")
 SUMMARY_TITLE = "Summary: what reaches the target first here, by how much, and why"

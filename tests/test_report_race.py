@@ -1,0 +1,107 @@
+"""The race section's trace helpers (benchmarks/report_race.py) against hand-built traces:
+smoothing, time to a target, the loss at a time, the target rule, the ranking, and how
+two ranks' traces combine."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+rr = pytest.importorskip("report_race")
+
+
+def test_smoothed_is_the_trailing_mean():
+    losses = [4.0, 2.0, 3.0, 1.0, 5.0]
+    got = rr.smoothed(losses, 2)
+    assert math.isnan(got[0])
+    assert got[1:] == pytest.approx([3.0, 2.5, 2.0, 3.0])
+    assert rr.smoothed(losses, 1) == losses
+
+
+def test_smoothed_marks_windows_holding_a_non_finite_loss():
+    got = rr.smoothed([1.0, math.nan, 3.0, 5.0, 7.0], 2)
+    assert [math.isnan(v) for v in got] == [True, True, True, False, False]
+    assert got[3:] == pytest.approx([4.0, 6.0])
+
+
+def test_time_to_target_reads_the_first_smoothed_crossing():
+    seconds = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    losses = [3.0, 1.0, 2.0, 0.9, 0.8, 0.1]
+    # window 1: the raw loss 1.0 at step 2 already meets 1.0
+    assert rr.time_to_target(seconds, losses, 1.0, 1) == (2, 0.2)
+    # window 2: means 2.0, 1.5, 1.45, 0.85 (step 5), ...
+    assert rr.time_to_target(seconds, losses, 1.0, 2) == (5, 0.5)
+    # window 3: means 2.0, 1.3, 1.233.., 0.6 (step 6)
+    assert rr.time_to_target(seconds, losses, 1.0, 3) == (6, 0.6)
+    assert rr.time_to_target(seconds, losses, 0.01, 1) is None
+    assert rr.time_to_target([], [], 1.0, 1) is None
+
+
+def test_loss_at_time_takes_the_first_step_ending_past_it():
+    seconds = [0.5, 1.0, 1.5, 2.0]
+    losses = [4.0, 3.0, 2.0, 1.0]
+    assert rr.loss_at_time(seconds, losses, 0.9, 1) == 3.0
+    assert rr.loss_at_time(seconds, losses, 1.0, 2) == pytest.approx(3.5)
+    assert rr.loss_at_time(seconds, losses, 9.0, 2) == pytest.approx(1.5)  # the last
+    assert math.isnan(rr.loss_at_time([], [], 1.0, 1))
+
+
+def test_pick_target_is_the_lower_reference_median():
+    sgd = [([1.0, 2.0], [2.0, 1.0]), ([1.0, 2.0], [2.0, 3.0]), ([1.0, 2.0], [2.0, 2.0])]
+    adam = [([1.0, 2.0], [2.0, 1.5]), ([1.0, 2.0], [2.0, 1.6]), ([1.0, 2.0], [2.0, 1.7])]
+    # at 1.5 s: SGD's seeds 1, 3, 2 -> median 2; Adam's 1.5, 1.6, 1.7 -> median 1.6
+    assert rr.pick_target({"sgd": sgd, "adam": adam}, 1.5, 1) == pytest.approx(1.6)
+    # a reference whose seeds mostly diverged does not set it
+    bad = [([1.0, 2.0], [2.0, math.nan])] * 2 + [([1.0, 2.0], [2.0, 0.1])]
+    assert rr.pick_target({"sgd": sgd, "adam": bad}, 1.5, 1) == pytest.approx(2.0)
+    assert math.isnan(rr.pick_target({"adam": bad}, 1.5, 1))
+    # the cap wins where the references sit above it
+    assert rr.pick_target({"sgd": sgd, "adam": adam}, 1.5, 1, cap=1.2) == pytest.approx(1.2)
+    assert rr.pick_target({"adam": bad}, 1.5, 1, cap=1.2) == pytest.approx(1.2)
+
+
+def _run(method, seconds, losses, seed=0, error=None):
+    return rr.Run(method, 0.1, seed, seconds, losses, losses[-1], error)
+
+
+def test_ranking_needs_most_seeds_and_orders_by_median_seconds():
+    t = [1.0, 2.0, 3.0, 4.0]
+    runs = {
+        "fast": [_run("fast", t, [2, 1, 0.5, 0.4]), _run("fast", t, [2, 0.5, 0.4, 0.3]),
+                 _run("fast", t, [2, 2, 2, 0.5])],
+        "slow": [_run("slow", t, [2, 2, 0.5, 0.4])] * 3,
+        "once": [_run("once", t, [0.5, 0.4, 0.3, 0.2]), _run("once", t, [2, 2, 2, 2]),
+                 _run("once", t, [2, 2, 2, 2], error="diverged")],
+    }
+    order = rr.ranking(runs, 0.5, 1)
+    assert [m for m, _ in order] == ["fast", "slow"]
+    fast = order[0][1]
+    assert (fast.reached, fast.seeds) == (3, 3)
+    assert sorted(fast.seconds) == [2.0, 3.0, 4.0] and fast.median_seconds == 3.0
+    assert fast.median_steps == 3
+    assert fast.per_step == pytest.approx([1.0, 1.0, 1.0])
+    once = rr.stats_of(runs["once"], 0.5, 1)
+    assert (once.reached, once.majority) == (1, False)
+
+
+def test_combine_averages_the_ranks_losses_and_takes_the_slower_clock():
+    ranks = [{"seconds": [0.1, 0.2, 0.3], "losses": [2.0, 1.0, 0.5], "final_loss": 0.4,
+              "error": None},
+             {"seconds": [0.15, 0.18], "losses": [4.0, 2.0], "final_loss": math.nan,
+              "error": None}]
+    run = rr.combine("sgd", 0.1, 3, ranks)
+    assert run.seconds == [0.15, 0.2]
+    assert run.losses == pytest.approx([3.0, 1.5])
+    assert run.final_loss == 0.4 and not run.diverged and run.steps == 2
+    assert run.seconds_per_step == pytest.approx(0.1)
+
+
+def test_grid_of_takes_the_middle_points():
+    assert rr.grid_of("sgd", 5) == rr.GRIDS["sgd"]
+    assert rr.grid_of("sgd", 3) == rr.GRIDS["sgd"][1:4]
+    assert all(len(g) == 5 for g in rr.GRIDS.values())
+    assert set(rr.GRIDS) == set(rr.METHODS) == set(rr.OPTIONS)
