@@ -7,11 +7,12 @@ PNG plots beside it.
 Writes ``DIR/README.md`` (default ``benchmarks/results/report``), the sections' PNGs and
 ``DIR/results.json`` (the numbers behind the summary). Sections, in order: convergence
 (epochs and seconds to a target), breakdown (where a step's time goes), scaling,
-factors, minimize, comm; each is ``benchmarks/report_<name>.py`` with
+factors, minimize, comm, race (hpcqn's methods against SGD, Adam, Muon, SOAP and
+Shampoo); each is ``benchmarks/report_<name>.py`` with
 ``compute(quick, progress=None)`` and ``render(results, out, quick) -> str`` (see
 ``benchmarks/report_common.py``). The summary at the top is computed from the
-convergence and breakdown results. ``--quick`` is the short version (about five minutes
-on two cores). Every process runs one thread (``OMP_NUM_THREADS=1``,
+convergence and breakdown results. ``--quick`` is the short version (about eight minutes
+on two cores, three of them the race). Every process runs one thread (``OMP_NUM_THREADS=1``,
 ``torch.set_num_threads(1)``).
 """
 
