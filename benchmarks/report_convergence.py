@@ -36,8 +36,7 @@ SECOND_ORDER = ("kfac", "mlbfgs", "mkor", "mkor_h")
 LABELS = {"sgd": "SGD", "adam": "Adam", "kfac": "K-FAC", "mlbfgs": "mL-BFGS",
           "mkor": "MKOR", "mkor_h": "MKOR-H"}
 # K-FAC's options as KAISA's defaults; a job file's [methods.kfac] overrides them.
-KFAC_DEFAULTS: dict[str, Any] = {"inv_freq": 10, "damping": 1e-3, "factor_decay": 0.95,
-                                 "kl_clip": 1e-3}
+KFAC_DEFAULTS: dict[str, Any] = {"inv_freq": 10, "factor_decay": 0.95, "kl_clip": 1e-3}
 GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 QUICK_GRID = (0.03, 0.1, 0.3, 1.0)
 SELECTION_SEEDS = 2  # the learning rate is chosen on this many seeds (the first ones)
@@ -467,8 +466,9 @@ def render(res: ConvergenceResults, out: Path, quick: bool = False) -> str:
         "",
         "**Other options** come from the job files (`[methods.X]` without `lr`; where a "
         f"job's file has no such table, `jobs/{FALLBACK_JOB}.toml`'s): SGD with momentum "
-        f"0.9; K-FAC on KAISA's defaults `{_options(KFAC_DEFAULTS)}` overridden by the job file "
-        "(damping, inv_freq); MKOR-H's switch window and threshold as in the job files. "
+        f"0.9; K-FAC on `{_options(KFAC_DEFAULTS)}` (KAISA's) and hpcqn's default damping "
+        "0.03, overridden by the job file (damping, inv_freq); MKOR-H's switch window and "
+        "threshold as in the job files. "
         "Targets: a training-loss target per job that most methods reach (the "
         "autoencoder's is its job file's), and the classifiers' test-accuracy target "
         "from their job files.",

@@ -139,6 +139,119 @@ def test_conv_factors_equal_explicit_unfold():
     np.testing.assert_allclose(g_sum, grows.T @ grows, rtol=1e-12)
 
 
+class Twice(nn.Module):
+    """A convolution (or linear layer) applied to two inputs: two recorded calls."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x) * self.layer(x.flip(0) * 0.5)
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (lambda: nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+     (5, 3, 9, 7)),
+    (lambda: nn.Conv2d(2, 3, 2, stride=3, bias=False), (4, 2, 8, 8)),
+    (lambda: nn.Conv2d(2, 3, 1), (3, 2, 5, 4)),
+    (lambda: nn.Linear(6, 4), (5, 3, 6)),  # rows: batch x positions
+    (lambda: nn.Linear(6, 4, bias=False), (7, 6)),
+])
+@pytest.mark.parametrize("calls", [1, 2])
+def test_second_moments_equal_explicit_unfold_in_float64(layer, shape, calls):
+    """sum a a^T and sum g g^T from the hooks (float32, no rows formed) against rows built
+    explicitly in float64 (nn.functional.unfold, a ones column, one matrix product), for
+    strided, dilated, padded, bias-free and 1x1 convolutions and linear layers on 3-d
+    input, called once or twice per forward; MKOR's rows are those rows too."""
+    torch.manual_seed(3)
+    module = layer()
+    model = module if calls == 1 else Twice(module)
+    opt = ht.KFAC(model, SERIAL, lr=0.1)
+    x = torch.randn(*shape)
+    inputs = [x] if calls == 1 else [x, x.flip(0) * 0.5]
+    out = model(x)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    # the output gradients of each call, independently: d(sum(out * w))/d(call output)
+    outs = [module(v).detach().requires_grad_() for v in inputs]
+    total = outs[0] if calls == 1 else outs[0] * outs[1]
+    g_calls = torch.autograd.grad((total * weights).sum(), outs)
+
+    def explicit_rows(v):
+        v = v.double()
+        if isinstance(module, nn.Conv2d):
+            p = nn.functional.unfold(v, module.kernel_size, dilation=module.dilation,
+                                     padding=module.padding, stride=module.stride)
+            r = p.transpose(1, 2).reshape(-1, p.shape[1])
+        else:
+            r = v.reshape(-1, v.shape[-1])
+        if module.bias is not None:
+            r = torch.cat([r, torch.ones(r.shape[0], 1, dtype=r.dtype)], 1)
+        return r
+
+    def explicit_grad_rows(g):
+        g = g.double()
+        if isinstance(module, nn.Conv2d):
+            return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+        return g.reshape(-1, g.shape[-1])
+
+    # the calls in the order the backward pass recorded them (for the rows below)
+    recorded = opt.capture.inputs[opt.capture.names[0]]
+    order = [0] if calls == 1 else ([0, 1] if torch.equal(recorded[0], inputs[0]) else [1, 0])
+    a = torch.cat([explicit_rows(inputs[i]) for i in order])
+    g = torch.cat([explicit_grad_rows(g_calls[i]) for i in order])
+    (a_sum, count, g_sum, batch), = opt._statistics()
+    assert count == a.shape[0] and batch == shape[0]
+    assert a_sum.dtype == np.float32 and a_sum.shape == (a.shape[1], a.shape[1])
+    np.testing.assert_allclose(a_sum, (a.T @ a).numpy(), rtol=2e-5, atol=2e-5 * a.abs().max()
+                               .item() ** 2 * a.shape[0] ** 0.5)
+    np.testing.assert_allclose(g_sum, (g.T @ g).numpy(), rtol=2e-5, atol=2e-5 * g.abs().max()
+                               .item() ** 2 * g.shape[0] ** 0.5)
+    # A loss scale divides the gradient rows (G by its square).
+    scaled = opt.capture.second_moments(opt.capture.names[0], 4.0)[2].numpy()
+    np.testing.assert_allclose(scaled, (g.T @ g).numpy() / 16, rtol=2e-5,
+                               atol=2e-5 * g.abs().max().item() ** 2 * g.shape[0] ** 0.5)
+    # MKOR's rows from the same recording are the explicit rows.
+    a_rows, g_rows, _ = opt.capture.rows(opt.capture.names[0])
+    torch.testing.assert_close(a_rows.double(), a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_rows.double(), g, rtol=1e-6, atol=1e-6)
+
+
+def test_output_gradient_is_the_layers_own_under_an_inplace_activation():
+    """nn.ReLU(inplace=True) after the layer rewrites its output: G still comes from the
+    gradient of the layer's output (before the activation)."""
+    torch.manual_seed(5)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    model = nn.Sequential(conv, nn.ReLU(inplace=True))
+    opt = ht.KFAC(model, SERIAL, lr=0.1)
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    weights = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    (model(x) * weights).sum().backward()
+    pre = conv(x).detach()
+    g = (weights * (pre > 0)).permute(0, 2, 3, 1).reshape(-1, 3)
+    (_, _, g_sum, _), = opt._statistics()
+    np.testing.assert_allclose(g_sum, (g.T @ g).numpy(), rtol=1e-12)
+
+
+def test_hooks_keep_references_not_copies():
+    """On a recording step the hooks hold the layer's input and its output gradient
+    themselves (no rows formed in forward/backward)."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    opt = ht.KFAC(conv, SERIAL, lr=0.1)
+    x = torch.randn(4, 2, 5, 5)
+    seen = {}
+    out = conv(x)
+    out.register_hook(lambda g: seen.setdefault("grad", g))
+    out.sum().backward()
+    (stored_x,), (stored_g,) = opt.capture.inputs[""], opt.capture.grads[""]
+    assert stored_x.data_ptr() == x.data_ptr()
+    assert stored_g.shape == out.shape and torch.equal(stored_g, seen["grad"])
+    opt.step()
+    assert not opt.capture.inputs and not opt.capture.grads
+
+
 @pytest.mark.parametrize("kl_clip", [0.0, 1e-6])
 def test_step_applies_the_dense_preconditioned_gradient(kl_clip):
     """One SGD step without momentum moves [W | b] by -lr * nu * (G+lI)^-1 grad (A+lI)^-1,

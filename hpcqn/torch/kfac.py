@@ -22,7 +22,16 @@ The core's options (``factor_freq``, ``inv_freq``, ``factor_decay``, ``damping``
 ``method``, ``placement``: :class:`hpcqn.optimizers.kfac.KFAC`) are passed through.
 
 Unlike KAISA, ``G`` is built from per-sample output gradients (a mean loss's rows times
-the batch size), so the factors do not depend on the batch size or the rank count.
+the batch size), so the factors do not depend on the batch size or the rank count; the
+default ``damping`` is therefore 0.03, not KAISA's 1e-3 (the measurements:
+:mod:`hpcqn.optimizers.kfac`). A job or script that gives ``damping`` keeps it; one that
+relied on the old default gets 0.03, also when it resumes a checkpoint (the damping is
+not part of the saved state: the saved factors are used as they are, inverses saved with
+1e-3 until the next inversion step, at most ``inv_freq - 1`` steps later).
+
+The hooks only keep references on factor steps (each layer's input and output gradient);
+``sum a a^T`` and ``sum g g^T`` are built in the step
+(:meth:`hpcqn.torch.capture.LayerCapture.second_moments`).
 """
 
 from __future__ import annotations
@@ -84,16 +93,13 @@ class KFAC(LayerwiseOptimizer):
         scale = self.loss_scale()
         stats = []
         for name in self.capture.names:
-            recorded = self.capture.rows(name)
-            if recorded is None:
+            moments = self.capture.second_moments(name, scale)
+            if moments is None:
                 stats.append(None)
                 continue
-            a_rows, g_rows, batch = recorded
-            if scale != 1.0:
-                g_rows = g_rows / scale
-            stats.append((backend.from_dlpack((a_rows.T @ a_rows).contiguous()),
-                          float(a_rows.shape[0]),
-                          backend.from_dlpack((g_rows.T @ g_rows).contiguous()), float(batch)))
+            a_sum, rows, g_sum, batch = moments
+            stats.append((backend.from_dlpack(a_sum.contiguous()), float(rows),
+                          backend.from_dlpack(g_sum.contiguous()), float(batch)))
         return stats
 
     def _update_curvature(self) -> bool:
