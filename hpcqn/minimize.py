@@ -100,13 +100,7 @@ def minimize(
     """
     solver = Minimizer(x0, comm, method, options, callback, checkpoint_dir, checkpoint_every,
                        stop, resume, keep, bounds, inner, H0)
-    while not solver.done:
-        point = solver._next()
-        try:
-            told = fun(point)
-        except BaseException as exc:  # every rank learns of it in the next reduction
-            told = exc
-        solver._answer(told)
+    solver._solve(fun)
     return solver.result()
 
 
@@ -158,10 +152,10 @@ class Minimizer:
                                  "another inner product is not a clip); pass one or the other")
         except (TypeError, ValueError) as exc:
             # Raised on every rank, even when only this rank's input is bad.
-            LBFGS(None, c, LBFGSOptions()).fail_setup(exc)
+            LBFGS(c, LBFGSOptions()).fail_setup(exc)
             raise  # pragma: no cover - fail_setup always raises
         self.options = opts
-        self.solver = LBFGS(None, c, opts, box, inner, H0)
+        self.solver = LBFGS(c, opts, box, inner, H0)
         # Every rank learns that every rank can start before any evaluates (an objective
         # that communicates would otherwise wait for a rank that failed here).
         self.solver.check_start(x0)
@@ -206,7 +200,7 @@ class Minimizer:
 
     def _advance(self, told: Any) -> None:
         try:
-            self._point = self._steps.send(told) if told is not None else next(self._steps)
+            self._point = self._steps.send(told)  # send(None) starts the generator
         except StopIteration:
             self._point, self.done = None, True
             self._result = self._finish()
@@ -229,6 +223,17 @@ class Minimizer:
         if self._point is None:
             raise RuntimeError("tell() needs a point from ask() first")
         self._advance(told)
+
+    def _solve(self, fun: Callable[[Any], tuple[Any, Any]]) -> None:
+        """Ask and tell with ``fun`` until done (:func:`minimize`'s loop); an exception in
+        ``fun`` travels to every rank in the next reduction."""
+        while not self.done:
+            point = self._next()
+            try:
+                told = fun(point)
+            except BaseException as exc:
+                told = exc
+            self._answer(told)
 
     # -- the public interface ------------------------------------------------------
     def ask(self) -> Any:
@@ -454,8 +459,7 @@ def _minimize(fun: Callable[[Any], tuple[Any, Any]], x0: Any, comm: Any,
     """:func:`minimize` with no checkpoints, also returning the solver (its history makes
     SciPy's ``hess_inv``)."""
     solver = Minimizer(x0, comm, "lbfgs", options, callback, bounds=bounds)
-    while not solver.done:
-        solver._answer(fun(solver._next()))
+    solver._solve(fun)
     return solver.result(), solver.solver
 
 

@@ -96,27 +96,25 @@ class FunctionError(ValueError):
 
 
 class LBFGS:
-    """The solver. ``fun(x_local) -> (f_part, g_local)``; see :class:`LBFGSOptions`.
-    ``box`` (:class:`hpcqn.optimizers.bounds.Box`) bounds this rank's slice; ``inner``
-    and ``H0`` set the inner product and the initial operator
+    """The solver; see :class:`LBFGSOptions`. ``box``
+    (:class:`hpcqn.optimizers.bounds.Box`) bounds this rank's slice; ``inner`` and ``H0``
+    set the inner product and the initial operator
     (:class:`hpcqn.curvature.metric_history.MetricHistory`).
 
-    Driven one iteration at a time: :meth:`start`, then :meth:`iterate` while ``status``
-    is None (each calls ``fun``), or through the generators :meth:`start_steps` and
-    :meth:`iterate_steps`, which yield every point to evaluate and take ``(f, g)`` (or
-    the exception the evaluation raised) back: the ask-and-tell form. :meth:`state_dict`
-    / :meth:`load_state_dict` for checkpoints."""
+    Driven one iteration at a time through the generators :meth:`start_steps`, then
+    :meth:`iterate_steps` while ``status`` is None: they yield every point to evaluate and
+    take ``(f_part, g)`` (or the exception the evaluation raised) back, which is how
+    :class:`hpcqn.Minimizer` (and so :func:`hpcqn.minimize`) runs them.
+    :meth:`state_dict` / :meth:`load_state_dict` for checkpoints."""
 
     def __init__(
         self,
-        fun: Callable[[Any], tuple[Any, Any]] | None,
         comm: Communicator,
         options: LBFGSOptions,
         box: Box | None = None,
         inner: Callable[[Any, Any], Any] | None = None,
         H0: Callable[[Any], Any] | None = None,  # noqa: N803 - the usual name
     ):
-        self.fun = fun
         self.comm = comm
         self.opt = options
         self.box = box
@@ -130,19 +128,6 @@ class LBFGS:
         self._at_step = (0, 0)  # nfev and nreductions at the last accepted point
 
     # -- evaluation ----------------------------------------------------------------
-    def _drive(self, steps: Generator[Any, Any, Any]) -> Any:
-        """Run ``steps`` to the end, answering every point it yields with ``fun``."""
-        try:
-            point = next(steps)
-            while True:
-                try:
-                    told = self.fun(point)
-                except BaseException as exc:  # travels to every rank in the reduction
-                    told = exc
-                point = steps.send(told)
-        except StopIteration as done:
-            return done.value
-
     def _take(self, told: Any, x: Any, out: Any) -> float:
         """The evaluation ``(f, g)`` at ``x``: returns ``f`` and copies ``g`` into ``out``,
         a buffer the solver owns (a callback may hand back the same array every time)."""
@@ -255,11 +240,6 @@ class LBFGS:
         bounded = self.box is not None and self.box.bounds_something
         return self._reduce(f, gd, gg, ginf, error, fingerprint, gd0, bounded)
 
-    def evaluate(self, x: Any, g_out: Any, d: Any = None,
-                 with_gg: bool = False) -> tuple[float, float, float, float]:
-        """``fun`` at ``x`` on every rank and one reduction: ``f``, max|g|, g.d, g.g."""
-        return self._drive(self._evaluate(x, g_out, d, with_gg))[:4]
-
     def _check_metric(self, gg: float) -> None:
         """The gradient's squared norm (the same number on every rank) must be finite and
         not negative: otherwise ``H0`` or ``inner`` is not positive definite (or gave a
@@ -282,17 +262,6 @@ class LBFGS:
         return float(zlib.crc32(repr(sorted(values.items())).encode())), float(x0.dtype.itemsize)
 
     # -- the iteration, one step at a time -------------------------------------------
-    def start(self, x0: Any, state: dict[str, Any] | None = None) -> None:
-        """:meth:`start_steps`, evaluating with ``fun``."""
-        self._drive(self.start_steps(x0, state))
-
-    def iterate(
-        self, boundary: Callable[[Any, float, Any, int], tuple[dict[str, float], Any]]
-        | None = None,
-    ) -> dict[str, float]:
-        """:meth:`iterate_steps`, evaluating with ``fun``."""
-        return self._drive(self.iterate_steps(boundary))
-
     def start_steps(self, x0: Any, state: dict[str, Any] | None = None
                     ) -> Generator[Any, Any, None]:
         """Evaluate at ``x0`` (projected into the box; one reduction) and set up the
