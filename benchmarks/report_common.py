@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -221,3 +222,21 @@ def torch_one_thread() -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or parallel work has started
         pass
+
+
+class SeedsToTarget:
+    """What the sections' per-method target records share (mixed into their dataclasses,
+    which hold ``reached`` of ``seeds`` runs that met the target and ``seconds`` to it,
+    one entry per run that did)."""
+
+    reached: int
+    seeds: int
+    seconds: list[float]
+
+    @property
+    def majority(self) -> bool:
+        return self.reached * 2 > self.seeds
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else math.inf

@@ -111,21 +111,13 @@ class Run:
 
 
 @dataclass
-class TargetStats:
+class TargetStats(rc.SeedsToTarget):
     """One method's seeds against one target."""
 
     reached: int
     seeds: int
     epochs: list[float]
     seconds: list[float]
-
-    @property
-    def majority(self) -> bool:
-        return self.reached * 2 > self.seeds
-
-    @property
-    def median_seconds(self) -> float:
-        return statistics.median(self.seconds) if self.seconds else math.inf
 
     @property
     def median_epochs(self) -> float:

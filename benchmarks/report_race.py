@@ -263,7 +263,7 @@ class Run:
 
 
 @dataclass
-class Stats:
+class Stats(rc.SeedsToTarget):
     """One method's seeds against a problem's target."""
 
     reached: int
@@ -271,14 +271,6 @@ class Stats:
     steps: list[int]
     seconds: list[float]
     per_step: list[float]  # seconds per step up to the target, the seeds that reached it
-
-    @property
-    def majority(self) -> bool:
-        return self.reached * 2 > self.seeds
-
-    @property
-    def median_seconds(self) -> float:
-        return statistics.median(self.seconds) if self.seconds else math.inf
 
     @property
     def median_steps(self) -> float:
