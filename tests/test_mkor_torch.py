@@ -317,3 +317,97 @@ def test_the_hybrid_switch_leaves_non_finite_losses_out_of_its_window():
         reference.observe(loss)
     assert switch.losses == reference.losses and switch.skipped_losses == 2
     assert switch.steps == 6 and switch.last_decrease == reference.last_decrease
+
+
+class Mixed(nn.Module):
+    """A conv, a linear layer without bias, a linear layer whose bias is frozen, one
+    unused layer and a plain linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.nobias = nn.Linear(48, 20, bias=False)
+        self.frozen = nn.Linear(20, 16)
+        self.unused = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.head(torch.relu(self.frozen(torch.relu(self.nobias(h)))))
+
+
+@pytest.mark.parametrize("frozen_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_torch_path_equals_the_core_path(dtype, frozen_bias):
+    """The torch preconditioning path (default options) and the core's path (forced)
+    give the same steps: gradients after step 0's factor update, then parameters after
+    25 steps, with layers of every kind (a frozen bias sends the whole step to the core's
+    path: then both runs take it)."""
+    torch.manual_seed(3)
+    x = torch.randn(8, 1, 4, 4, dtype=dtype)
+    y = torch.randint(0, 4, (8,))
+    runs = []
+    for force_core in (False, True):
+        torch.manual_seed(4)
+        model = Mixed().to(dtype)
+        model.frozen.bias.requires_grad_(not frozen_bias)
+        opt = ht.MKOR(model, SERIAL, lr=0.05, factor_freq=3)
+        if force_core:
+            opt._torch_plan = lambda: None
+        plans = []
+        for _ in range(25):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x + 0.1 * torch.randn_like(x)), y).backward()
+            plans.append(opt._torch_plan() is not None)
+            opt.step()
+        runs.append(([p.detach().clone() for p in model.parameters()], plans))
+    (fast, fast_plans), (core, core_plans) = runs
+    assert all(fast_plans) == (not frozen_bias) and not any(core_plans)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip(fast, core, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=tol, atol=tol)
+    assert model.unused.weight.grad is None
+
+
+def test_the_torch_path_follows_replaced_factors():
+    """Loading a state replaces the factor arrays: the torch path's zero-copy views must
+    follow (a stale view would precondition with the old factors); so must a deepcopy."""
+    torch.manual_seed(5)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    opt = ht.MKOR(model, SERIAL, lr=0.1, factor_freq=1)
+
+    def train(m, o, steps):
+        for _ in range(steps):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+
+    train(model, opt, 4)
+    saved = copy.deepcopy(opt.state_dict())
+    model_saved = copy.deepcopy(model.state_dict())
+    copied_model, copied = copy.deepcopy([model, opt])
+    train(model, opt, 3)
+    reference = [p.detach().clone() for p in model.parameters()]
+    train(copied_model, copied, 3)
+    for a, b in zip(copied_model.parameters(), reference, strict=True):
+        np.testing.assert_array_equal(a.detach().numpy(), b.numpy())
+    model.load_state_dict(model_saved)
+    opt.load_state_dict(saved)
+    train(model, opt, 3)
+    for a, b in zip(model.parameters(), reference, strict=True):
+        np.testing.assert_array_equal(a.detach().numpy(), b.numpy())
+
+
+def test_hooks_exist_only_while_recording():
+    """Non-recording steps run the model without forward hooks (torch's fast path)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = ht.MKOR(model, SERIAL, lr=0.1, factor_freq=3)
+    x = torch.randn(5, 4)
+    seen = []
+    for _ in range(7):
+        seen.append(sum(len(m._forward_hooks) for m in model.modules()))
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert seen == [2, 0, 0, 2, 0, 0, 2]

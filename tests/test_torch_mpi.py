@@ -69,3 +69,16 @@ def test_average_gradients(comm):
     ht.average_gradients(model.parameters(), comm)
     for p in model.parameters():
         assert torch.all(p.grad == (comm.size + 1) / 2)
+
+
+@pytest.mark.parametrize("value, finite", [(1e30, True), (float("nan"), False),
+                                           (float("-inf"), False), (3.0, True)])
+def test_average_gradients_reports_finiteness(comm, value, finite):
+    """Finite gradients whose float32 2-norm overflows are finite (the serial path's fused
+    norm only screens); a NaN or Inf on one rank is reported on every rank."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e30 if value == 1e30 else 1.0)
+    if comm.rank == comm.size - 1:
+        model[1].weight.grad[0, 1] = value
+    assert ht.average_gradients(model.parameters(), comm) is finite

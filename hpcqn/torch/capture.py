@@ -10,8 +10,9 @@ inputs and the gradients of its outputs as rows of a matrix.
 - With a bias, a column of ones is appended to the input rows, so the layer's gradient
   matrix is ``[W | b]`` (``d_out x (d_in + 1)``).
 
-Hooks fire only while :attr:`LayerCapture.active` is true and autograd is recording, so
-steps that need no statistics cost nothing. On the steps that record, the hooks keep only
+The forward hooks are registered only while :attr:`LayerCapture.active` is true (and
+record only while autograd does), so steps that need no statistics run the model's plain
+forward and backward. On the steps that record, the hooks keep only
 references: the layer's input and the gradient of its output as autograd hands them over
 (no copy; converted to the parameters' dtype only under autocast). The rows
 (:meth:`LayerCapture.rows`, MKOR's) or the second moments ``sum a a^T`` and ``sum g g^T``
@@ -66,14 +67,32 @@ class LayerCapture:
         if not self.layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition "
                              f"(skipped: {self.skipped}, unsupported: {self.unsupported})")
-        self.active = False
         self.modules = dict(self.layers)
         # Per layer, one entry per call that was back-propagated: the input and the
         # gradient of the output, as tensors (no rows formed yet).
         self.inputs: dict[str, list[torch.Tensor]] = {}
         self.batch: dict[str, int] = {}
         self.grads: dict[str, list[torch.Tensor]] = {}
-        self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in self.layers]
+        self._handles: list[Any] = []
+        self._active = False
+        self._removed = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks record; setting it registers or removes the forward hooks (a
+        module with no hook takes torch's fast call path)."""
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = bool(value)
+        if self._active and not self._handles and not self._removed:
+            self._handles = [m.register_forward_hook(self._forward_hook(n))
+                             for n, m in self.layers]
+        elif not self._active and self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
 
     @property
     def names(self) -> list[str]:
@@ -92,9 +111,9 @@ class LayerCapture:
         self.inputs, self.batch, self.grads = {}, {}, {}
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Remove the hooks for good."""
+        self.active = False
+        self._removed = True
 
     def _forward_hook(self, name: str) -> Any:
         return _ForwardHook(self, name)

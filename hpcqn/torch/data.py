@@ -152,8 +152,17 @@ def average_gradients(params: Iterable[torch.Tensor], comm: Any = None) -> bool:
     if not params:
         return True
     if c.size == 1:
-        checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-        return bool(torch.stack(checks).all()) if checks else True
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        if (hasattr(torch, "_foreach_norm") and len({g.dtype for g in grads}) == 1
+                and len({g.device for g in grads}) == 1):
+            # One fused pass: a 2-norm is finite when every entry is; when it is not (a
+            # NaN or Inf, or a finite gradient whose norm overflows) the exact test below
+            # decides.
+            if bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+                return True
+        return all(bool(torch.isfinite(g).all()) for g in grads)
     dtype = params[0].dtype
     parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
              for p in params]

@@ -146,6 +146,11 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
         self.timer: PhaseTimer | None = None
         self._reported: set[str] = set()
         self._params = params
+        # What step() averages: the preconditioned layers' parameters, then the others
+        # (the parameters are fixed at construction; average_gradients skips frozen ones).
+        mine = {id(p) for p in self.capture.params()}
+        self._averaged = self.capture.params() + [p for p in model.parameters()
+                                                  if id(p) not in mine]
 
     def _share_inner(self) -> None:
         self.param_groups = self.inner.param_groups
@@ -245,8 +250,7 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
     def _step(self, loss: Any) -> None:
         with phase(self.timer, "communication"):  # the flat-buffer copies count here too
             # Finite or not: the same answer on every rank (checked after the allreduce).
-            take = average_gradients(self.capture.params() + self._other_params(),
-                                     self.comm)
+            take = average_gradients(self._averaged, self.comm)
         if take and self.preconditioning:
             if self.capturing(self.steps):
                 take = self._update_curvature()  # reduced statistics: agreed too
@@ -283,11 +287,6 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
         finite (one small reduction)."""
         named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         check_finite_parameters(named, self.comm, f"hpcqn.torch.{self.kind}")
-
-    def _other_params(self) -> list[torch.Tensor]:
-        """Parameters outside the preconditioned layers (averaged, not preconditioned)."""
-        mine = {id(p) for p in self.capture.params()}
-        return [p for p in self.model.parameters() if id(p) not in mine and p.requires_grad]
 
     def _precondition(self) -> None:
         with phase(self.timer, "precondition"):
