@@ -56,18 +56,19 @@ EXTERNAL = ("soap", "shampoo")  # from pytorch-optimizer
 LABELS = {"sgd": "SGD", "adam": "Adam", "muon": "Muon+AdamW", "soap": "SOAP",
           "shampoo": "Shampoo", "mlbfgs": "mL-BFGS", "mkor": "MKOR", "mkor_h": "MKOR-H",
           "kfac": "K-FAC"}
-# Five learning rates per method, half a decade apart, centred on each method's usual
-# range; quick mode runs the middle three.
+# Seven learning rates per method, half a decade apart, over each method's usual range
+# and one step beyond it on both sides (an earlier five-point grid put most choices on
+# its upper edge); quick mode runs the middle three.
 GRIDS: dict[str, tuple[float, ...]] = {
-    "sgd": (0.01, 0.03, 0.1, 0.3, 1.0),
-    "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    "muon": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-    "soap": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    "shampoo": (1e-3, 3e-3, 1e-2, 3e-2, 0.1),
-    "mlbfgs": (0.03, 0.1, 0.3, 1.0, 3.0),
-    "mkor": (0.01, 0.03, 0.1, 0.3, 1.0),
-    "mkor_h": (0.01, 0.03, 0.1, 0.3, 1.0),
-    "kfac": (0.01, 0.03, 0.1, 0.3, 1.0),
+    "sgd": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+    "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+    "muon": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3),
+    "soap": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+    "shampoo": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3),
+    "mlbfgs": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+    "mkor": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+    "mkor_h": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+    "kfac": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
 }
 # The options besides lr. hpcqn's: jobs/digits_mkor.toml's (MKOR/MKOR-H factor_freq 10,
 # MKOR-H window 40 and threshold 0.1; K-FAC KAISA's defaults with damping 0.1, inv_freq 10),
@@ -112,7 +113,7 @@ class Problem:
     n_train: int = 32768
     eval_samples: int = 8192
     lr_from: str | None = None  # a 1-rank problem whose rates and target this one reuses
-    grid_points: int = 5
+    grid_points: int = 7
 
     @property
     def params(self) -> int:
@@ -138,9 +139,9 @@ WARM = Problem("warm", "warm-up", (16, 32, 32, CLASSES), 64, 1, math.inf, n_trai
 
 
 def problems(quick: bool) -> list[Problem]:
-    """The races (full: 5 grid points, 3 for the wide MLP; quick: batch 4096 on 1 and 2
-    ranks, the deep and the wide MLP, 3 grid points, shorter budgets)."""
-    b, points = (0.5, 3) if quick else (1.0, 5)
+    """The races (full: the whole 7-point grids; quick: batch 4096 on 1 and 2 ranks, the
+    deep and the wide MLP, the middle 3 grid points, shorter budgets)."""
+    b, points = (0.5, 3) if quick else (1.0, 7)
     large = [Problem(f"b{n}", f"Batch {n}, 1 rank", SMALL, n, 1, 1.5 * b, grid_points=points)
              for n in (1024, 4096, 8192)]
     two = [Problem(f"b{n}_2r", f"Batch {n}, 2 ranks", SMALL, n, 2, 1.5 * b, lr_from=f"b{n}",
@@ -148,7 +149,7 @@ def problems(quick: bool) -> list[Problem]:
     deep = Problem("deep", "Deep MLP (8 hidden layers), batch 1024", DEEP, 1024, 1, 1.5 * b,
                    grid_points=points)
     wide = Problem("wide", "Wide MLP (5.5M parameters), batch 128", WIDE, 128, 1,
-                   1.5 if quick else 4.0, n_train=16384, eval_samples=2048, grid_points=3)
+                   1.5 if quick else 4.0, n_train=16384, eval_samples=2048, grid_points=points)
     if quick:
         return [large[1], two[1], deep, wide]
     return [*large, *two, deep, wide]
@@ -772,9 +773,9 @@ def render(res: RaceResults, out: Path, quick: bool = False) -> str:
         f"{res.seeds} set the initial model and the batch order; every method starts from "
         "the same model and sees the same batches.",
         "",
-        f"**Learning rates**: a fixed grid of five per method ({grids}); "
-        f"{'in quick mode the middle three, ' if quick else ''}the wide MLP the middle three "
-        "(its runs are the most expensive); the rate with the lowest loss at the budget on "
+        f"**Learning rates**: a fixed grid of seven per method ({grids}); "
+        f"{'in quick mode the middle three; ' if quick else ''}the rate with the lowest "
+        "loss at the budget on "
         f"seed {res.seeds[0]} is "
         "chosen (diverged counts as worst; 'edge' in the tables: the chosen rate is at the "
         "end of the grid run). 2-rank problems reuse the 1-rank problem's rates (the same "

@@ -101,7 +101,9 @@ def test_combine_averages_the_ranks_losses_and_takes_the_slower_clock():
 
 
 def test_grid_of_takes_the_middle_points():
-    assert rr.grid_of("sgd", 5) == rr.GRIDS["sgd"]
-    assert rr.grid_of("sgd", 3) == rr.GRIDS["sgd"][1:4]
-    assert all(len(g) == 5 for g in rr.GRIDS.values())
+    assert rr.grid_of("sgd", 7) == rr.GRIDS["sgd"]
+    assert rr.grid_of("sgd", 3) == rr.GRIDS["sgd"][2:5] == (0.03, 0.1, 0.3)
+    assert all(len(g) == 7 for g in rr.GRIDS.values())
+    # Half a decade apart: each rate about sqrt(10) times the one before.
+    assert all(2.9 < b / a < 3.4 for g in rr.GRIDS.values() for a, b in zip(g, g[1:]))
     assert set(rr.GRIDS) == set(rr.METHODS) == set(rr.OPTIONS)
