@@ -338,8 +338,8 @@ class Mixed(nn.Module):
 
 @pytest.mark.parametrize("frozen_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_torch_path_equals_the_core_path(dtype, frozen_bias):
-    """The torch preconditioning path (default options) and the core's path (forced)
+def test_the_inplace_path_equals_the_core_path(dtype, frozen_bias):
+    """The in-place preconditioning path (default options) and the core's path (forced)
     give the same steps: gradients after step 0's factor update, then parameters after
     25 steps, with layers of every kind (a frozen bias sends the whole step to the core's
     path: then both runs take it)."""
@@ -353,12 +353,12 @@ def test_the_torch_path_equals_the_core_path(dtype, frozen_bias):
         model.frozen.bias.requires_grad_(not frozen_bias)
         opt = ht.MKOR(model, SERIAL, lr=0.05, factor_freq=3)
         if force_core:
-            opt._torch_plan = lambda: None
+            opt._inplace_plan = lambda: None
         plans = []
         for _ in range(25):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x + 0.1 * torch.randn_like(x)), y).backward()
-            plans.append(opt._torch_plan() is not None)
+            plans.append(opt._inplace_plan() is not None)
             opt.step()
         runs.append(([p.detach().clone() for p in model.parameters()], plans))
     (fast, fast_plans), (core, core_plans) = runs
@@ -369,9 +369,9 @@ def test_the_torch_path_equals_the_core_path(dtype, frozen_bias):
     assert model.unused.weight.grad is None
 
 
-def test_the_torch_path_follows_replaced_factors():
-    """Loading a state replaces the factor arrays: the torch path's zero-copy views must
-    follow (a stale view would precondition with the old factors); so must a deepcopy."""
+def test_the_inplace_path_follows_replaced_factors():
+    """Loading a state replaces the factor arrays and a deepcopy copies them: the in-place
+    path must use the new ones (stale factors would change the steps)."""
     torch.manual_seed(5)
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
