@@ -105,5 +105,6 @@ def test_grid_of_takes_the_middle_points():
     assert rr.grid_of("sgd", 3) == rr.GRIDS["sgd"][2:5] == (0.03, 0.1, 0.3)
     assert all(len(g) == 7 for g in rr.GRIDS.values())
     # Half a decade apart: each rate about sqrt(10) times the one before.
-    assert all(2.9 < b / a < 3.4 for g in rr.GRIDS.values() for a, b in zip(g, g[1:]))
+    ratios = [b / a for g in rr.GRIDS.values() for a, b in zip(g[:-1], g[1:], strict=True)]
+    assert all(2.9 < r < 3.4 for r in ratios)
     assert set(rr.GRIDS) == set(rr.METHODS) == set(rr.OPTIONS)
