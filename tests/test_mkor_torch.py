@@ -411,3 +411,54 @@ def test_hooks_exist_only_while_recording():
         model(x).square().mean().backward()
         opt.step()
     assert seen == [2, 0, 0, 2, 0, 0, 2]
+
+
+def test_a_step_where_no_preconditioned_layer_has_a_gradient():
+    """Only a parameter outside the layers gets a gradient: the steps are torch SGD's
+    (momentum 0.9) on it, and the unused layer stays as it was."""
+    class OnlyScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.scale
+
+    torch.manual_seed(8)
+    model = OnlyScale()
+    reference = copy.deepcopy(model)
+    opt = ht.MKOR(model, SERIAL, lr=0.1)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "lin recorded nothing"
+        for _ in range(3):  # step 0 updates the factors, steps 1 and 2 do not
+            for m, o in ((model, opt), (reference, sgd)):
+                o.zero_grad()
+                (m(x) ** 2).sum().backward()
+                o.step()
+            assert model.lin.weight.grad is None
+    np.testing.assert_array_equal(model.scale.detach().numpy(),
+                                  reference.scale.detach().numpy())
+    np.testing.assert_array_equal(model.lin.weight.detach().numpy(),
+                                  reference.lin.weight.detach().numpy())
+
+
+def test_create_graph_gradients_take_the_core_path():
+    """Gradients that require grad (backward(create_graph=True)) cannot be viewed in
+    place: the core's path preconditions them, the same step as without create_graph."""
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    results = []
+    for create_graph in (False, True):
+        torch.manual_seed(7)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+        opt = ht.MKOR(model, SERIAL, lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward(create_graph=create_graph)
+            assert (opt._inplace_plan() is None) == create_graph
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-14)

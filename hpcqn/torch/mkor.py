@@ -147,6 +147,8 @@ class MKOR(LayerwiseOptimizer):
         if plan is None:
             super()._precondition()
             return
+        if not plan:  # no preconditioned layer has a gradient this step
+            return
         with phase(self.timer, "precondition"):
             targets = []  # each layer's weight gradient, then its bias's (if any)
             for module, _, _ in plan:
@@ -155,7 +157,7 @@ class MKOR(LayerwiseOptimizer):
                     targets.append(module.bias.grad)
             # ||G|| per layer from one fused norm, before anything is overwritten.
             before = torch.stack(torch._foreach_norm(targets)).tolist()
-            xp = backend.namespace(plan[0][1]) if plan else np
+            xp = backend.namespace(plan[0][1])
             # Zero-copy views of the gradients: .numpy() on the CPU (a fifth of DLPack's
             # per-call cost), DLPack (CuPy) on a GPU.
             view = (torch.Tensor.numpy if xp is np else backend.from_dlpack)
@@ -193,10 +195,9 @@ class MKOR(LayerwiseOptimizer):
             weight, bias = module.weight, module.bias
             if weight.grad is None:
                 continue  # an unused layer keeps no gradient (as the core's path)
-            if (not weight.grad.is_contiguous()
-                    or (bias is not None and (bias.grad is None
-                                              or not bias.grad.is_contiguous()))):
-                return None
+            grads = [weight.grad] if bias is None else [weight.grad, bias.grad]
+            if any(g is None or not g.is_contiguous() or g.requires_grad for g in grads):
+                return None  # a frozen bias, a strided or a differentiable gradient
             factors = self.core.factors[k]
             linv, rinv = (factor.matrix() for factor in factors)
             if (linv is not factors[0].stored or rinv is not factors[1].stored
