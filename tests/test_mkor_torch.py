@@ -340,9 +340,9 @@ class Mixed(nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_inplace_path_equals_the_core_path(dtype, frozen_bias):
     """The in-place preconditioning path (default options) and the core's path (forced)
-    give the same steps: gradients after step 0's factor update, then parameters after
-    25 steps, with layers of every kind (a frozen bias sends the whole step to the core's
-    path: then both runs take it)."""
+    give the same parameters after 25 steps (factor updates every 3), with layers of
+    every kind (a frozen bias sends the whole step to the core's path: then both runs
+    take it)."""
     torch.manual_seed(3)
     x = torch.randn(8, 1, 4, 4, dtype=dtype)
     y = torch.randint(0, 4, (8,))

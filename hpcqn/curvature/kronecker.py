@@ -151,10 +151,16 @@ class FactorInverse:
         self.stabilised = int(saved["stabilised"])
 
 
+def rescale_factor(norm_g: float, norm_d: float) -> float:
+    """What ``D`` is multiplied by so that its norm is ``||G||``: ``||G|| / ||D||``, or 1
+    (no rescaling) where ``||D||`` is 0 or not finite."""
+    return norm_g / norm_d if norm_d > 0 and math.isfinite(norm_d) else 1.0
+
+
 def precondition(linv: Any, grad: Any, rinv: Any) -> Any:
     """``D = Linv @ G @ Rinv`` rescaled to the Frobenius norm of ``G`` (a new array)."""
     d = linv @ grad @ rinv
-    norm_d = norm(d)
-    if norm_d > 0 and math.isfinite(norm_d):
-        d *= norm(grad) / norm_d
+    scale = rescale_factor(norm(grad), norm(d))
+    if scale != 1.0:
+        d *= scale
     return d

@@ -182,10 +182,7 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (``Tensor.unfold`` per spatial dimension), copied once into this layout (cheaper than
     ``nn.functional.unfold`` followed by a transpose)."""
     if not isinstance(module, nn.Conv2d):
-        rows = x.reshape(-1, x.shape[-1])
-        if module.bias is not None:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows.T
+        return input_rows(module, x).T
     (kh, kw), (dh, dw) = module.kernel_size, module.dilation
     (ph, pw), (sh, sw) = module.padding, module.stride
     if ph or pw:
@@ -208,7 +205,7 @@ def output_grad_columns(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     """The transpose of :func:`output_grad_rows`: ``(d_out, rows)``."""
     if isinstance(module, nn.Conv2d):
         return grad.transpose(0, 1).reshape(grad.shape[1], -1)
-    return grad.reshape(-1, grad.shape[-1]).T
+    return output_grad_rows(module, grad).T
 
 
 def grad_matrix(module: nn.Module) -> torch.Tensor | None:

@@ -148,9 +148,9 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
         self._params = params
         # What step() averages: the preconditioned layers' parameters, then the others
         # (the parameters are fixed at construction; average_gradients skips frozen ones).
-        mine = {id(p) for p in self.capture.params()}
-        self._averaged = self.capture.params() + [p for p in model.parameters()
-                                                  if id(p) not in mine]
+        layer_params = self.capture.params()
+        mine = {id(p) for p in layer_params}
+        self._averaged = layer_params + [p for p in model.parameters() if id(p) not in mine]
 
     def _share_inner(self) -> None:
         self.param_groups = self.inner.param_groups

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .. import backend, options
+from ..curvature.kronecker import rescale_factor
 from ..optimizers.mkor import MKOR as CoreMKOR
 from ..optimizers.mkor import HybridSwitch
 from ..options import Rule
@@ -88,7 +89,6 @@ class MKOR(LayerwiseOptimizer):
                              **core_options)
         self.clamp = float(clamp)
         self.switch = HybridSwitch(hybrid_window, hybrid_threshold) if hybrid else None
-        self._plan_index: list[int] = []
         self._start(given, optimizer_options)  # step 0 updates the factors
 
     @property
@@ -150,11 +150,14 @@ class MKOR(LayerwiseOptimizer):
         if not plan:  # no preconditioned layer has a gradient this step
             return
         with phase(self.timer, "precondition"):
-            targets = []  # each layer's weight gradient, then its bias's (if any)
-            for module, _, _ in plan:
+            # Each layer's weight gradient, then its bias's (if any); owner: its layer.
+            targets, owner = [], []
+            for k, (module, _, _) in enumerate(plan):
                 targets.append(module.weight.grad)
+                owner.append(k)
                 if module.bias is not None:
                     targets.append(module.bias.grad)
+                    owner.append(k)
             # ||G|| per layer from one fused norm, before anything is overwritten.
             before = torch.stack(torch._foreach_norm(targets)).tolist()
             xp = backend.namespace(plan[0][1])
@@ -174,15 +177,12 @@ class MKOR(LayerwiseOptimizer):
                 xp.matmul(t, rinv[:, :n_w], out=wg)
             after = torch.stack(torch._foreach_norm(targets)).tolist()
             g_squares, d_squares = [0.0] * len(plan), [0.0] * len(plan)
-            for k, g_part, d_part in zip(self._plan_index, before, after, strict=True):
+            for k, g_part, d_part in zip(owner, before, after, strict=True):
                 g_squares[k] += g_part * g_part
                 d_squares[k] += d_part * d_part
-            scales = []
-            for g_square, d_square in zip(g_squares, d_squares, strict=True):
-                d_norm = math.sqrt(d_square)
-                scales.append(math.sqrt(g_square) / d_norm
-                              if d_norm > 0 and math.isfinite(d_norm) else 1.0)
-            torch._foreach_mul_(targets, [scales[k] for k in self._plan_index])
+            scales = [rescale_factor(math.sqrt(g_square), math.sqrt(d_square))
+                      for g_square, d_square in zip(g_squares, d_squares, strict=True)]
+            torch._foreach_mul_(targets, [scales[k] for k in owner])
 
     def _inplace_plan(self) -> list[tuple[nn.Module, Any, Any]] | None:
         """``(module, Linv, Rinv)`` per layer with a gradient, or None where the in-place
@@ -190,7 +190,7 @@ class MKOR(LayerwiseOptimizer):
         if (self.core.placement != "redundant" or not hasattr(torch, "_foreach_norm")
                 or not hasattr(torch, "_foreach_mul_")):
             return None
-        plan, index = [], []
+        plan = []
         for k, (_, module) in enumerate(self.capture.layers):
             weight, bias = module.weight, module.bias
             if weight.grad is None:
@@ -204,8 +204,6 @@ class MKOR(LayerwiseOptimizer):
                     or not backend.is_ndarray(linv) or np.dtype(linv.dtype) != self.np_dtype):
                 return None  # half-precision storage (the core converts) or another dtype
             plan.append((module, linv, rinv))
-            index += [len(plan) - 1] * (1 if bias is None else 2)
-        self._plan_index = index
         return plan
 
     def _after_step(self, loss: Any) -> None:
