@@ -46,7 +46,7 @@ setup(
             "array-api-strict>=2.0",
         ],
     },
-    entry_points={"console_scripts": ["hpcqn = hpcqn.cli:main"]},
+    entry_points={"console_scripts": ["hpcqn = hpcqn.__main__:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Mathematics",

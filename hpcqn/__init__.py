@@ -12,6 +12,7 @@ from .minimize import Minimizer, minimize, scipy_lbfgs
 from .optimizers.first_order import SGD, Adam
 from .optimizers.lbfgs import FunctionError
 from .optimizers.mlbfgs import MLBFGS
+from .transport import LaunchError
 from .stochastic import minimize_stochastic
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "BlockLayout",
     "Communicator",
     "FunctionError",
+    "LaunchError",
     "RemoteRankError",
     "SliceLayout",
     "__version__",

@@ -1,10 +1,15 @@
-"""The one place where hpcqn talks to MPI.
+"""The one place where hpcqn's ranks talk to each other.
 
-:class:`Communicator` wraps any mpi4py communicator (``comm=None`` means
-``COMM_WORLD``) and gives collectives on backend arrays (NumPy, CuPy): ``allreduce``,
-``reduce_scatter``, ``allgatherv``, ``bcast``. Without mpi4py, or on one rank, the same
-class runs serially with no MPI calls. Every collective is counted (calls and payload
-bytes) so that drivers can report communication volume.
+:class:`Communicator` runs collectives on backend arrays (NumPy, CuPy): ``allreduce``,
+``reduce_scatter``, ``allgatherv``, ``bcast``, over a transport
+(:mod:`hpcqn.transport`): an mpi4py communicator or a ``torch.distributed`` process
+group. ``comm=None`` means the process's world: MPI's ``COMM_WORLD`` under an MPI launch,
+``torch.distributed``'s default group when it is initialised and no MPI launch is
+present (torchrun, srun with ``init_process_group``), else ``COMM_WORLD`` (one rank in a
+plain ``python`` run). A world of fewer ranks than the launcher declared is refused
+(:class:`hpcqn.transport.LaunchError`). On one rank the same class runs serially with no
+calls. Every collective is counted (calls and payload bytes) so that drivers can report
+communication volume, the same over either transport.
 
 Device arrays (anything exposing ``__cuda_array_interface__``) go to MPI directly when
 the library is CUDA-aware, after their stream is synchronised. Otherwise they are staged:
@@ -24,6 +29,7 @@ dozen numbers these carry, an allgather costs the same latency as an allreduce.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -40,6 +46,14 @@ from typing import Any
 import numpy as np
 
 from . import backend
+from .transport import (
+    MPITransport,
+    TorchTransport,
+    check_launch,
+    is_torch_group,
+    mpi_launch,
+    torch_default_group,
+)
 
 # Exit code of a job stopped because one rank failed (its error printed once, the others
 # ended by MPI_Abort or by the agreement); see hpcqn.cli for the others.
@@ -211,23 +225,46 @@ def _timed(method: Callable[..., Any]) -> Callable[..., Any]:
 
 @dataclass
 class Communicator:
-    """Collectives over an mpi4py communicator (or serial when ``mpi_comm`` is None)."""
+    """Collectives over an mpi4py communicator or a ``torch.distributed`` process group
+    (``Communicator(group)``); serial when given None. ``mpi_comm`` is the mpi4py
+    communicator (None over torch.distributed), ``transport`` what carries the calls
+    (:mod:`hpcqn.transport`; None when serial)."""
 
     mpi_comm: Any = None
     counters: dict[str, CollectiveCounter] = field(default_factory=dict)
     cuda_aware: bool = False
     # Host staging buffers by (role, dtype, size), for device arrays when not CUDA-aware.
     staging: dict[tuple[str, str, int], np.ndarray] = field(default_factory=dict, repr=False)
+    transport: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.rank = 0 if self.mpi_comm is None else self.mpi_comm.Get_rank()
-        self.size = 1 if self.mpi_comm is None else self.mpi_comm.Get_size()
+        if self.transport is None and self.mpi_comm is not None:
+            if is_torch_group(self.mpi_comm):
+                self.transport, self.mpi_comm = TorchTransport(self.mpi_comm), None
+            else:
+                self.transport = MPITransport(self.mpi_comm, _mpi())
+        if isinstance(self.transport, MPITransport):
+            self.mpi_comm = self.transport.comm
+        if isinstance(self.transport, TorchTransport):
+            # NCCL reads device memory; gloo takes host buffers (device arrays are staged)
+            self.cuda_aware = self.transport.device_ok
+        self.rank = 0 if self.transport is None else self.transport.rank
+        self.size = 1 if self.transport is None else self.transport.size
         self._parallel = self.size > 1
         self._depth, self._kind = 0, None
+        if self._parallel:
+            install_exit_abort(self)
+
+    @property
+    def transport_name(self) -> str:
+        """``"MPI"``, ``"torch.distributed"`` or ``"serial"``."""
+        return "serial" if self.transport is None else self.transport.name
 
     # -- bookkeeping ---------------------------------------------------------------
     def _count(self, kind: str, nbytes: int, received: int | None = None) -> None:
         counter = self.counters.setdefault(kind, CollectiveCounter())
+        if self._parallel:
+            _collective_made()
         counter.calls += 1
         counter.nbytes += int(nbytes)
         counter.nbytes_received += int(nbytes if received is None else received)
@@ -292,11 +329,9 @@ class Communicator:
         self._count("allreduce", a.nbytes)
         if not self._parallel:
             return a.copy()
-        MPI = _mpi()
-        mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
         send = self._to_mpi(a)
         recv = self._receive_buffer(a, a.size).reshape(a.shape)
-        self.mpi_comm.Allreduce(send, recv, op=mpi_op)
+        self.transport.allreduce(send, recv, op)
         return self._result(recv, a)
 
     @_timed
@@ -306,10 +341,8 @@ class Communicator:
         self._count("allreduce", a.nbytes)
         if not self._parallel:
             return a
-        MPI = _mpi()
-        mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
         buf = self._to_mpi(a)
-        self.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
+        self.transport.allreduce(None, buf, op)
         if buf is not a:
             backend.copy_from_host(buf, a)
         return a
@@ -341,7 +374,7 @@ class Communicator:
             recv = out
         else:
             recv = self._receive_buffer(a if out is None else out, mine)
-        self.mpi_comm.Reduce_scatter(send, recv, recvcounts=counts)
+        self.transport.reduce_scatter(send, recv, counts)
         if out is None:
             return self._result(recv, a)
         if recv is not out:
@@ -354,7 +387,7 @@ class Communicator:
         self._count("allgather", 8, 8 * self.size)
         if not self._parallel:
             return [int(n_local)]
-        return [int(c) for c in self.mpi_comm.allgather(int(n_local))]
+        return [int(c) for c in self.transport.allgather_object(int(n_local))]
 
     @_timed
     def allgatherv(self, a: Any, counts: Sequence[int] | None = None) -> Any:
@@ -373,7 +406,7 @@ class Communicator:
             return a.copy()
         send = self._to_mpi(a)
         recv = self._receive_buffer(a, sum(counts))
-        self.mpi_comm.Allgatherv(send, [recv, counts, _displacements(counts), None])
+        self.transport.allgatherv(send, recv, counts, _displacements(counts))
         return self._result(recv, a)
 
     @_timed
@@ -397,7 +430,7 @@ class Communicator:
             buf = self._host_buffer("recv", a, a.shape)
             mine = slice(displs[self.rank], displs[self.rank] + counts[self.rank])
             backend.copy_to_host(a[mine], buf[mine])
-        self.mpi_comm.Allgatherv(_mpi().IN_PLACE, [buf, counts, displs, None])
+        self.transport.allgatherv(None, buf, counts, displs)
         if buf is not a:
             backend.copy_from_host(buf, a)
         return a
@@ -411,11 +444,11 @@ class Communicator:
             return a
         if self._direct(a):
             backend.synchronize(a)
-            self.mpi_comm.Bcast(a, root=root)
+            self.transport.bcast(a, root)
             return a
         buf = (self._to_mpi(a) if self.rank == root
                else self._host_buffer("send", a, a.shape))
-        self.mpi_comm.Bcast(buf, root=root)
+        self.transport.bcast(buf, root)
         if self.rank != root:
             backend.copy_from_host(buf, a)
         return a
@@ -426,7 +459,7 @@ class Communicator:
         self._count("bcast", 0)
         if not self._parallel:
             return obj
-        return self.mpi_comm.bcast(obj, root=root)
+        return self.transport.bcast_object(obj, root)
 
     @_timed
     def allgather_object(self, obj: Any) -> list[Any]:
@@ -434,7 +467,7 @@ class Communicator:
         self._count("allgather", 0)
         if not self._parallel:
             return [obj]
-        return list(self.mpi_comm.allgather(obj))
+        return self.transport.allgather_object(obj)
 
     # -- agreement -----------------------------------------------------------------
     @_timed
@@ -462,7 +495,7 @@ class Communicator:
         self._count("allreduce", local.nbytes, local.nbytes * self.size)
         if self._parallel:
             table = np.empty((self.size, local.size))
-            self.mpi_comm.Allgather(local, table)
+            self.transport.allgather(local, table)
         else:
             table = local[None, :]
         failed = np.flatnonzero(table[:, 0])
@@ -504,20 +537,18 @@ class Communicator:
 
     @_timed
     def node_local(self) -> tuple[int, int]:
-        """This rank's index among the ranks on its node, and their number (an MPI
-        shared-memory split, ``COMM_TYPE_SHARED``, of this communicator; key: the rank)."""
+        """This rank's index among the ranks on its node, and their number (over MPI a
+        shared-memory split, ``COMM_TYPE_SHARED``, of this communicator, key: the rank;
+        over torch.distributed torchrun's ``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` or the
+        ranks' host names)."""
         self._count("split", 0)
         if not self._parallel:
             return 0, 1
-        local = self.mpi_comm.Split_type(_mpi().COMM_TYPE_SHARED, key=self.rank)
-        try:
-            return local.Get_rank(), local.Get_size()
-        finally:
-            local.Free()
+        return self.transport.node_local()
 
     def barrier(self) -> None:
         if self._parallel:
-            self.mpi_comm.Barrier()
+            self.transport.barrier()
 
     def check_same(self, values: Mapping[str, Any], what: str,
                    error: BaseException | None = None) -> None:
@@ -536,16 +567,17 @@ class Communicator:
                              f"must use the same")
 
     def abort(self, message: str, code: int = EXIT_FAILED) -> None:
-        """End every rank of this communicator now (``MPI_Abort``), after printing
-        ``message`` on this rank's standard error. For a failure the other ranks cannot
-        learn of by an agreement (they may be waiting in a collective already). Serial:
-        raises ``SystemExit(code)``."""
+        """End every rank of this communicator now (``MPI_Abort``; over torch.distributed
+        this process exits with ``code`` and the launcher ends the others), after
+        printing ``message`` on this rank's standard error. For a failure the other ranks
+        cannot learn of by an agreement (they may be waiting in a collective already).
+        Serial: raises ``SystemExit(code)``."""
         print(f"hpcqn: rank {self.rank} of {self.size}: {message}", file=sys.stderr,
               flush=True)
         sys.stdout.flush()
         if not self._parallel:
             raise SystemExit(code)
-        self.mpi_comm.Abort(code)  # pragma: no cover - the process ends here
+        self.transport.abort(code)  # pragma: no cover - the process ends here
 
 
 def _rank_order_sum(rows: np.ndarray) -> np.ndarray:
@@ -562,30 +594,136 @@ def _displacements(counts: Sequence[int]) -> list[int]:
 
 
 _WORLD: Communicator | None = None
+_TORCH_GROUPS: list[Communicator] = []  # one Communicator per torch.distributed group
+
+
+def world() -> Communicator:
+    """The process's world communicator (collective at the first call: every rank makes
+    it): under an MPI launch a ``Dup`` of ``COMM_WORLD``; else, when
+    ``torch.distributed`` is initialised, its default group; else ``COMM_WORLD`` (serial
+    without mpi4py). Made once and returned by every later call, with its counters and
+    staging buffers (remade when torch.distributed was initialised since). Raises
+    :class:`hpcqn.transport.LaunchError` when the launcher declared more processes than
+    it has."""
+    global _WORLD
+    group = None if mpi_launch() else torch_default_group()
+    if _WORLD is not None and (group is None or _torch_group(_WORLD) is group):
+        return _WORLD
+    if group is not None:
+        made = _torch_comm(group)
+    else:
+        MPI = _mpi()
+        if MPI is None:
+            made = Communicator(None)
+            check_launch(made.size, "serial (no mpi4py)")
+            return made
+        made = Communicator(MPI.COMM_WORLD.Dup(), cuda_aware=detect_cuda_aware().aware)
+    check_launch(made.size, made.transport_name)
+    _WORLD = made
+    return made
+
+
+def _torch_group(c: Communicator) -> Any:
+    return getattr(c.transport, "group", None)
+
+
+def _torch_comm(group: Any) -> Communicator:
+    """The one Communicator of a torch.distributed process group."""
+    for c in _TORCH_GROUPS:
+        if _torch_group(c) is group:
+            return c
+    made = Communicator(group)
+    _TORCH_GROUPS.append(made)
+    return made
 
 
 def get_comm(comm: Any = None) -> Communicator:
     """Resolve ``comm`` once: a :class:`Communicator` is returned as is, an mpi4py
-    communicator is wrapped, ``None`` means the process's one world communicator: a
-    ``Dup`` of ``COMM_WORLD`` made at the first call (collective: every rank makes that
-    call) and returned by every later call, with its counters and staging buffers
-    (serial without mpi4py)."""
-    global _WORLD
+    communicator is wrapped, a ``torch.distributed`` process group gets its one
+    Communicator, ``None`` means the process's world (:func:`world`)."""
     if isinstance(comm, Communicator):
         return comm
-    MPI = _mpi()
     if comm is None:
-        if MPI is None:
-            return Communicator(None)
-        if _WORLD is None:
-            _WORLD = Communicator(MPI.COMM_WORLD.Dup(), cuda_aware=detect_cuda_aware().aware)
-        return _WORLD
+        return world()
+    if is_torch_group(comm):
+        return _torch_comm(comm)
+    MPI = _mpi()
     if MPI is None or not isinstance(comm, MPI.Comm):
         raise TypeError(
-            f"comm must be None, an mpi4py communicator or an hpcqn Communicator, "
-            f"got {type(comm).__name__}"
+            f"comm must be None, an mpi4py communicator, a torch.distributed process group "
+            f"or an hpcqn Communicator, got {type(comm).__name__}"
         )
     return Communicator(comm, cuda_aware=detect_cuda_aware().aware)
+
+
+# -- an uncaught failure on one rank ends every rank ------------------------------------------
+_EXIT_GUARD: dict[str, Any] = {}
+
+
+def install_exit_abort(c: Communicator) -> None:
+    """Make an uncaught failure on one rank end every rank, instead of leaving the others
+    waiting in a collective (the default once a communicator of more than one rank
+    exists; ``HPCQN_ABORT_ON_FAILURE=0`` turns it off):
+
+    - an exception that reaches the top of the interpreter is printed by the process's
+      previous ``sys.excepthook`` (chained), then every rank is aborted with exit code 4
+      (a :class:`RemoteRankError`, which every rank raised together, is one line);
+    - ``sys.exit`` with a non-zero status, when no collective follows it on this rank (it
+      was not caught), aborts every rank at exit.
+
+    Installed once per process, for the first such communicator (its abort ends the
+    launch: ``MPI_Abort``, or the process's exit under torchrun)."""
+    if _EXIT_GUARD or os.environ.get("HPCQN_ABORT_ON_FAILURE", "1") == "0":
+        return
+    _EXIT_GUARD["comm"] = c
+    _EXIT_GUARD["status"] = None
+    previous_hook, previous_exit = sys.excepthook, sys.exit
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if isinstance(value, RemoteRankError):
+            print(f"hpcqn: rank {c.rank} of {c.size}: stopping: {value}", file=sys.stderr,
+                  flush=True)
+        else:
+            previous_hook(kind, value, tb)
+        _abort_everyone(c, f"uncaught {kind.__name__}; stopping every rank (exit "
+                           f"{EXIT_FAILED})")
+
+    def exit(status: Any = None) -> None:  # noqa: A001 - sys.exit's own name
+        _EXIT_GUARD["status"] = status
+        previous_exit(status)
+
+    sys.excepthook = excepthook
+    sys.exit = exit
+    atexit.register(_abort_after_failed_exit)
+
+
+def exit_agreed() -> None:
+    """Say that this process's coming exit, whatever its status, was agreed by every rank
+    (the ``hpcqn`` command returns only agreed codes): no abort at exit."""
+    _EXIT_GUARD["status"] = None
+
+
+def _collective_made() -> None:
+    """A collective ran after a ``sys.exit``: that exit was caught, not the process's."""
+    if _EXIT_GUARD.get("status") is not None:
+        _EXIT_GUARD["status"] = None
+
+
+def _abort_after_failed_exit() -> None:
+    status = _EXIT_GUARD.get("status")
+    if status is None or status == 0:
+        return
+    c = _EXIT_GUARD["comm"]
+    _abort_everyone(c, f"exited with sys.exit({status!r}) while the other ranks may be "
+                       f"waiting; stopping every rank (exit {EXIT_FAILED})")
+
+
+def _abort_everyone(c: Communicator, message: str) -> None:
+    print(f"hpcqn: rank {c.rank} of {c.size}: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if isinstance(c.transport, MPITransport):
+        c.transport.MPI.COMM_WORLD.Abort(EXIT_FAILED)  # pragma: no cover - ends here
+    c.transport.abort(EXIT_FAILED)  # pragma: no cover - the process ends here
 
 
 @contextlib.contextmanager

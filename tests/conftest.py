@@ -1,5 +1,7 @@
 """Shared fixtures. MPI tests (``@pytest.mark.mpi``) run under
-``mpiexec -n N python -m pytest --with-mpi -m mpi``; the rest run serially."""
+``mpiexec -n N python -m pytest --with-mpi -m mpi`` and, those that use no mpi4py of
+their own, under ``torchrun --nproc_per_node N -m pytest --with-mpi -m mpi`` (over
+torch.distributed with gloo); the rest run serially."""
 
 from __future__ import annotations
 
@@ -15,6 +17,13 @@ os.environ.setdefault("HPCQN_DEVICE", "cpu")
 import pytest  # noqa: E402
 
 import hpcqn  # noqa: E402
+
+if os.environ.get("TORCHELASTIC_RUN_ID"):
+    # Under torchrun the MPI-marked tests run over torch.distributed (gloo): the world
+    # communicator of hpcqn is then the default process group.
+    import torch.distributed  # noqa: E402
+
+    torch.distributed.init_process_group("gloo")
 
 
 @pytest.fixture

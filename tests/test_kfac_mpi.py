@@ -57,7 +57,7 @@ def test_factor_traffic_is_the_factors_entries(comm):
     preconditioned gradients (every rank receives all of them)."""
     if comm.size == 1:
         pytest.skip("one rank sends nothing")
-    c = hpcqn.Communicator(comm.mpi_comm)
+    c = hpcqn.Communicator(transport=comm.transport)
     data = digits(dtype=torch.float64)
     model = make_model("mlp", hidden=24, dtype=torch.float64)
     opt = ht.KFAC(model, c, lr=0.05, inv_freq=2, factor_freq=2, placement="owner")

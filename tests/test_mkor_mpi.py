@@ -48,7 +48,7 @@ def test_data_parallel_equals_one_rank_with_the_whole_batch(comm, model_name, ba
 def test_curvature_traffic_per_update_step_is_linear_in_widths(comm):
     if comm.size == 1:
         pytest.skip("one rank sends nothing")
-    c = hpcqn.Communicator(comm.mpi_comm)
+    c = hpcqn.Communicator(transport=comm.transport)
     data = digits(dtype=torch.float64)
     model = make_model("mlp", hidden=24, dtype=torch.float64)
     opt = ht.MKOR(model, c, lr=0.05, inv_freq=2)
@@ -84,7 +84,7 @@ def test_float16_statistics_halve_the_traffic(comm):
     run stays close to the float32-statistics one."""
     if comm.size == 1:
         pytest.skip("one rank sends nothing")
-    c = hpcqn.Communicator(comm.mpi_comm)
+    c = hpcqn.Communicator(transport=comm.transport)
     full, _ = run(comm, "mlp", steps=4)
     c.reset_counters()
     half, opt = run(c, "mlp", steps=4, stats_dtype="float16")

@@ -42,7 +42,7 @@ def test_a_late_rank_shows_as_communication_not_as_the_phase(comm):
     """Rank 1 reaches the allreduce 0.3 s late: the others' wait lands in "communication"."""
     if comm.size == 1:
         pytest.skip("needs two ranks")
-    c = hpcqn.Communicator(comm.mpi_comm)
+    c = hpcqn.Communicator(transport=comm.transport)
     timer = PhaseTimer(c)
     comm.barrier()
     with timer.phase("statistics"):
@@ -108,7 +108,7 @@ def test_mlbfgs_core_step_times_its_collectives_as_communication(comm):
     "communication" (a late rank's wait included), and the phases add up to the step."""
     if comm.size == 1:
         pytest.skip("needs two ranks")
-    c = hpcqn.Communicator(comm.mpi_comm)
+    c = hpcqn.Communicator(transport=comm.transport)
     timer, per_step = _timed_mlbfgs_steps(c, late_rank=1)
     assert {"reduce_scatter", "allgatherv", "allreduce"} <= set(c.counters)
     collectives = sum(counter.seconds for counter in c.counters.values())

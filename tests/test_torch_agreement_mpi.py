@@ -114,7 +114,7 @@ def test_the_same_configuration_costs_one_small_reduction(comm, method):
     model checksum), of five float64 numbers: the error flag, a fingerprint of the
     options, one of the model (count, shapes, dtypes), the parameters' sum and sum of
     squares. Nothing else is communicated."""
-    c = hpcqn.Communicator(comm.mpi_comm)
+    c = hpcqn.Communicator(transport=comm.transport)
     model = make_model()
     build(method, model, c, lr=0.05)
     assert c.calls("allreduce") == 1
