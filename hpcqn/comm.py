@@ -680,13 +680,17 @@ def install_exit_abort(c: Communicator) -> None:
     previous_hook, previous_exit = sys.excepthook, sys.exit
 
     def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        stop = f"uncaught {kind.__name__}; stopping every rank (exit {EXIT_FAILED})"
         if isinstance(value, RemoteRankError):
-            print(f"hpcqn: rank {c.rank} of {c.size}: stopping: {value}", file=sys.stderr,
-                  flush=True)
+            stop = f"stopping: {value}"
+        elif previous_hook is sys.__excepthook__:
+            # one write with the message below: a launcher that ends the job on the abort
+            # may drop what a rank wrote in many small pieces just before
+            text = "".join(traceback.format_exception(kind, value, tb)).rstrip()
+            stop = f"{stop}:\n{text}"
         else:
             previous_hook(kind, value, tb)
-        _abort_everyone(c, f"uncaught {kind.__name__}; stopping every rank (exit "
-                           f"{EXIT_FAILED})")
+        _abort_everyone(c, stop)
 
     def exit(status: Any = None) -> None:  # noqa: A001 - sys.exit's own name
         _EXIT_GUARD["status"] = status
@@ -721,6 +725,7 @@ def _abort_after_failed_exit() -> None:
 def _abort_everyone(c: Communicator, message: str) -> None:
     print(f"hpcqn: rank {c.rank} of {c.size}: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    time.sleep(0.2)  # lets the launcher forward the message before it ends the job
     if isinstance(c.transport, MPITransport):
         c.transport.MPI.COMM_WORLD.Abort(EXIT_FAILED)  # pragma: no cover - ends here
     c.transport.abort(EXIT_FAILED)  # pragma: no cover - the process ends here

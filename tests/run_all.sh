@@ -17,4 +17,16 @@ for ranks in 1 2 3; do
         python -m pytest --with-mpi -m mpi -q -p no:cacheprovider
 done
 
+# The same MPI-marked tests of hpcqn.torch over torch.distributed (gloo), as torchrun
+# launches them (tests that use mpi4py of their own stay with mpiexec).
+TORCHRUN_TESTS="tests/test_comm.py tests/test_torch_mpi.py tests/test_torch_agreement_mpi.py
+  tests/test_mkor_mpi.py tests/test_kfac_mpi.py tests/test_nonfinite_mpi.py
+  tests/test_sequence_models_mpi.py"
+for ranks in 2 3; do
+    echo "== torch.distributed tests on ${ranks} process(es) (torchrun, gloo)"
+    # shellcheck disable=SC2086
+    timeout --kill-after=30 600 torchrun --standalone --nproc_per_node "${ranks}" \
+        -m pytest --with-mpi -m mpi -q -p no:cacheprovider ${TORCHRUN_TESTS}
+done
+
 ruff check .

@@ -201,8 +201,10 @@ def test_second_moments_equal_explicit_unfold_in_float64(layer, shape, calls):
     order = [0] if calls == 1 else ([0, 1] if torch.equal(recorded[0], inputs[0]) else [1, 0])
     a = torch.cat([explicit_rows(inputs[i]) for i in order])
     g = torch.cat([explicit_grad_rows(g_calls[i]) for i in order])
-    (a_sum, count, g_sum, batch), = opt._statistics()
-    assert count == a.shape[0] and batch == shape[0]
+    (a_sum, count, g_sum, samples), = opt._statistics()
+    # samples: a convolution's images (one forward pass), a linear layer's rows (tokens)
+    assert count == a.shape[0]
+    assert samples == (shape[0] if isinstance(module, nn.Conv2d) else a.shape[0])
     assert a_sum.dtype == np.float32 and a_sum.shape == (a.shape[1], a.shape[1])
     np.testing.assert_allclose(a_sum, (a.T @ a).numpy(), rtol=2e-5, atol=2e-5 * a.abs().max()
                                .item() ** 2 * a.shape[0] ** 0.5)

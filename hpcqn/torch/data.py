@@ -1,10 +1,12 @@
-"""Data-parallel helpers for torch models over an hpcqn communicator (no
-``torch.distributed`` needed): start every rank from the same model, give every rank its
-part of each global batch, and average gradients for the first-order baselines so they
-are trained like for like with :class:`hpcqn.torch.MLBFGS`."""
+"""Data-parallel helpers for torch models over an hpcqn communicator (MPI or
+``torch.distributed``): start every rank from the same model, give every rank its part of
+each global batch, average gradients for the first-order baselines so they are trained
+like for like with :class:`hpcqn.torch.MLBFGS`, find the communicator of a
+``DistributedDataParallel`` model, and watch for a run whose every step is skipped."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -13,10 +15,66 @@ import torch
 
 from .. import backend
 from ..comm import Communicator, describe_ranks, fingerprint, get_comm, mark_agreed, shown
+from ..transport import mpi_launch
 
 
 class NonFiniteParameterError(FloatingPointError, ValueError):
     """A parameter holds NaN or Inf on some rank (raised on every rank, naming it)."""
+
+
+class DivergenceError(FloatingPointError):
+    """Too many consecutive steps were skipped for non-finite values (raised on every
+    rank, with ``divergence="raise"``)."""
+
+
+class DivergenceWatch:
+    """Counts consecutive skipped steps (a skip is decided on every rank alike, so the
+    count is too). After ``limit`` of them it warns on rank 0, naming the count and the
+    likely cause, and again each time the count doubles; with ``action="raise"`` every
+    rank raises :class:`DivergenceError` instead."""
+
+    ACTIONS = ("warn", "raise")
+
+    def __init__(self, limit: int, action: str, what: str):
+        self.limit, self.action, self.what = int(limit), action, what
+        self.consecutive = 0
+        self._next = self.limit
+
+    def observe(self, skipped: bool, rank: int, step: int, lr: Any) -> None:
+        if not skipped:
+            self.consecutive, self._next = 0, self.limit
+            return
+        self.consecutive += 1
+        if self.consecutive < self._next:
+            return
+        self._next *= 2
+        message = (f"{self.what}: {self.consecutive} consecutive steps skipped for non-finite "
+                   f"(NaN or Inf) gradients or statistics, the last at step {step}: the run "
+                   f"has most likely diverged; lower the learning rate (lr={lr}) or restore "
+                   f"a checkpoint")
+        if self.action == "raise":
+            raise mark_agreed(DivergenceError(message))
+        if rank == 0:
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+def model_comm(comm: Any, ddp: Any) -> Communicator:
+    """The communicator for a model: ``comm`` resolved (:func:`hpcqn.get_comm`); for a
+    ``DistributedDataParallel`` model ``ddp`` with ``comm=None`` and no MPI launch, DDP's
+    own process group, so that the statistics travel in the group that averaged the
+    gradients. Either way its ranks must be DDP's (``ValueError`` otherwise)."""
+    if ddp is None:
+        return get_comm(comm)
+    import torch.distributed as dist
+
+    group = ddp.process_group
+    c = get_comm(group if comm is None and not mpi_launch() else comm)
+    ddp_rank, ddp_size = dist.get_rank(group), dist.get_world_size(group)
+    if (c.rank, c.size) != (ddp_rank, ddp_size):
+        raise ValueError(f"the communicator (rank {c.rank} of {c.size}) is not the "
+                         f"DistributedDataParallel model's process group (rank {ddp_rank} of "
+                         f"{ddp_size}): pass comm=None or the model's process group")
+    return c
 
 
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:

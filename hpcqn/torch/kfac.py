@@ -73,16 +73,20 @@ class KFAC(LayerwiseOptimizer):
         skip_layers: Iterable[str] = (),
         grad_scaler: Any = None,
         optimizer_options: Mapping[str, Any] | None = None,
+        divergence_steps: int = 10,
+        divergence: str = "warn",
+        verbose: bool = False,
         **core_options: Any,
     ):
         given = options.validate(self, locals())
         super().__init__(model, comm, optimizer, lr, skip_layers, grad_scaler,
-                         optimizer_options)
+                         optimizer_options, divergence_steps, divergence)
         self.core = CoreKFAC(self.capture.shapes, self.comm, dtype=self.np_dtype, xp=self.xp,
                              **core_options)
         self.kl_clip = float(kl_clip)
         self.last_clip = 1.0  # the KL-clip scale of the last step
-        self._start(given, optimizer_options)  # step 0 updates the factors and the inverses
+        # step 0 updates the factors and the inverses
+        self._start(given, optimizer_options, verbose)
 
     def capturing(self, step: int) -> bool:
         return self.core.is_factor_step(step)

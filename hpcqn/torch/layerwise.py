@@ -25,10 +25,22 @@ and ``skipped_steps`` counts it. Only then are the parameters checked (one small
 reduction): if any rank's are not finite, every rank raises
 :class:`hpcqn.torch.data.NonFiniteParameterError` naming the parameter and the rank.
 
+After ``divergence_steps`` consecutive skipped steps rank 0 warns that the run has most
+likely diverged (the learning rate is the usual cause), and again each time the count
+doubles; ``divergence="raise"`` raises :class:`hpcqn.torch.data.DivergenceError` on
+every rank instead.
+
 At construction every rank must pass the same options (every declared option, the
 first-order optimizer's options, the preconditioned layers) and the same model (the
 parameters' count, shapes, dtypes and values): one small reduction checks all of it and
 raises ``ValueError`` on every rank naming what differs.
+
+Distributed training: the communicator is ``comm`` (an mpi4py communicator, a
+``torch.distributed`` process group, or None for the world: :func:`hpcqn.get_comm`). A
+``DistributedDataParallel`` model is accepted: its layers are found inside ``.module``
+(their names are the plain model's), its gradients, which DDP averaged already, are not
+averaged again, and with ``comm=None`` (no MPI launch) the statistics travel in DDP's
+process group. An FSDP model is refused (``TypeError``).
 """
 
 from __future__ import annotations
@@ -42,12 +54,18 @@ import torch
 from torch import nn
 
 from .. import backend, options
-from ..comm import Communicator, get_comm
+from ..comm import Communicator, serial_comm
 from ..options import Rule
 from ..timing import PhaseTimer, phase
 from . import conventions
-from .capture import LayerCapture, grad_matrix, set_grad_matrix
-from .data import average_gradients, check_finite_parameters, check_same_parameters
+from .capture import LayerCapture, grad_matrix, set_grad_matrix, unwrap
+from .data import (
+    DivergenceWatch,
+    average_gradients,
+    check_finite_parameters,
+    check_same_parameters,
+    model_comm,
+)
 from .lamb import LAMB
 
 OPTIMIZERS = ("sgd", "adam", "lamb")
@@ -98,13 +116,21 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
     OPTION_RULES = {
         "optimizer": Rule("str", choices=OPTIMIZERS, python=(torch.optim.Optimizer,)),
         "lr": Rule("float", low=0.0),
+        "divergence_steps": Rule("int", low=1),
+        "divergence": Rule("str", choices=DivergenceWatch.ACTIONS),
     }
-    NOT_OPTIONS = ("model", "comm", "skip_layers", "grad_scaler", "optimizer_options")
+    NOT_OPTIONS = ("model", "comm", "skip_layers", "grad_scaler", "optimizer_options",
+                   "verbose")
 
     def __init__(self, model: nn.Module, comm: Any, optimizer: str | torch.optim.Optimizer,
                  lr: float, skip_layers: Iterable[str], grad_scaler: Any,
-                 optimizer_options: Mapping[str, Any] | None):
-        self.comm: Communicator = get_comm(comm)
+                 optimizer_options: Mapping[str, Any] | None, divergence_steps: int = 10,
+                 divergence: str = "warn"):
+        model, self.ddp = unwrap(model)
+        self.comm: Communicator = model_comm(comm, self.ddp)
+        # DDP averaged the gradients already: only their finiteness is checked (locally:
+        # they are the same on every rank)
+        self._averaging = serial_comm() if self.ddp is not None else self.comm
         self.model = model
         self.capture = LayerCapture(model, skip_layers)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -136,6 +162,10 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
         else:
             raise TypeError(f"optimizer must be one of {OPTIMIZERS} or a "
                             f"torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.first_order_name = (optimizer if isinstance(optimizer, str)
+                                 else type(optimizer).__name__)
+        self.divergence_steps, self.divergence = int(divergence_steps), divergence
+        self.watch = DivergenceWatch(divergence_steps, divergence, f"hpcqn.torch.{self.kind}")
         self._building = True
         super().__init__(self.inner.param_groups, {})
         self._building = False
@@ -169,9 +199,11 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
                          f"...}}, ...]) (any torch.optim.Optimizer over the model's "
                          f"parameters) at construction")
 
-    def _start(self, given: Mapping[str, Any], optimizer_options: Any = None) -> None:
+    def _start(self, given: Mapping[str, Any], optimizer_options: Any = None,
+               verbose: bool = False) -> None:
         """The end of a subclass's ``__init__``: same options and model on every rank (one
-        small reduction), hooks on. ``given``: what ``options.validate`` returned."""
+        small reduction), hooks on; with ``verbose`` rank 0 prints :meth:`describe`.
+        ``given``: what ``options.validate`` returned."""
         agreed: dict[str, Any] = {
             f"option {name!r}": given.get(name, option.default)
             for name, option in options.declared(type(self)).items()}
@@ -180,6 +212,29 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
         check_same_parameters(self._params, self.comm, options=agreed,
                               what=f"hpcqn.torch.{self.kind}")
         self.capture.active = self.capturing(self.steps)
+        if verbose and self.comm.rank == 0:
+            print(self.describe(), flush=True)
+
+    def describe(self) -> str:
+        """A table of every parameter of the model: its name, its shape and what handles
+        it: this optimizer's Kronecker factors (naming the layer) or the first-order
+        optimizer alone, with the reason (embeddings and normalisation layers by design,
+        ``nn.MultiheadAttention``'s projections, tied weights, ``skip_layers``, frozen
+        parameters: :mod:`hpcqn.torch.capture`)."""
+        rows = self.capture.describe(first_order=f"first-order ({self.first_order_name})",
+                                     preconditioner=f"{self.kind} factors")
+        lines = [(name, "x".join(map(str, shape)) or "scalar", who)
+                 for name, shape, who in rows]
+        widths = [max(len(h), *(len(line[i]) for line in lines))
+                  for i, h in enumerate(("parameter", "shape", "handled by"))]
+        head = ("parameter", "shape", "handled by")
+        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
+        out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                for line in lines]
+        preconditioned = sum(1 for _, _, who in rows if who.startswith(self.kind))
+        out.append(f"{preconditioned} of {len(rows)} parameters in {len(self.capture.layers)} "
+                   f"layers preconditioned by {self.kind}")
+        return "\n".join(out)
 
     @property
     def skipped_steps(self) -> int:
@@ -250,7 +305,7 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
     def _step(self, loss: Any) -> None:
         with phase(self.timer, "communication"):  # the flat-buffer copies count here too
             # Finite or not: the same answer on every rank (checked after the allreduce).
-            take = average_gradients(self._averaged, self.comm)
+            take = average_gradients(self._averaged, self._averaging)
         if take and self.preconditioning:
             if self.capturing(self.steps):
                 take = self._update_curvature()  # reduced statistics: agreed too
@@ -260,7 +315,9 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
         if not take:
             self.core.skipped_steps += 1
             self._check_parameters()
+            self.watch.observe(True, self.comm.rank, self.steps, self.param_groups[0]["lr"])
             return
+        self.watch.observe(False, self.comm.rank, self.steps, self.param_groups[0]["lr"])
         with phase(self.timer, "update"):
             conventions.step_without_global_hooks(self.inner)
             self._count_step()

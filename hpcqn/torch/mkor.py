@@ -80,16 +80,19 @@ class MKOR(LayerwiseOptimizer):
         hybrid_window: int = 50,
         hybrid_threshold: float = 0.01,
         optimizer_options: Mapping[str, Any] | None = None,
+        divergence_steps: int = 10,
+        divergence: str = "warn",
+        verbose: bool = False,
         **core_options: Any,
     ):
         given = options.validate(self, locals())
         super().__init__(model, comm, optimizer, lr, skip_layers, grad_scaler,
-                         optimizer_options)
+                         optimizer_options, divergence_steps, divergence)
         self.core = CoreMKOR(self.capture.shapes, self.comm, dtype=self.np_dtype, xp=self.xp,
                              **core_options)
         self.clamp = float(clamp)
         self.switch = HybridSwitch(hybrid_window, hybrid_threshold) if hybrid else None
-        self._start(given, optimizer_options)  # step 0 updates the factors
+        self._start(given, optimizer_options, verbose)  # step 0 updates the factors
 
     @property
     def preconditioning(self) -> bool:
