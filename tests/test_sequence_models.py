@@ -235,3 +235,39 @@ def test_fsdp_and_bad_options_are_refused():
         ht.MKOR(TokenMLP(), SERIAL, divergence="ignore")
     with pytest.raises(ValueError, match="divergence_steps"):
         ht.KFAC(TokenMLP(), SERIAL, divergence_steps=0)
+
+
+@pytest.mark.parametrize("kind", ["mkor", "kfac"])
+def test_torch_compile_keeps_two_graphs_and_the_eager_steps(kind):
+    """A compiled model (dynamo's eager backend: its guards and graph breaks, no code
+    generation) with hooks that record every other step: the same parameters as the
+    plain model, the hooks stay registered once compiled, and dynamo keeps a bounded set
+    of graphs (recording and not) instead of recompiling up to its limit whenever the
+    hooks came and went (9 frames compiled before, the cache limit)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    gen = torch.Generator().manual_seed(5)
+    data = [(torch.randn(6, 7, 6, generator=gen, dtype=torch.float64),
+             torch.randn(6, 7, 5, generator=gen, dtype=torch.float64)) for _ in range(24)]
+
+    def train(compiled):
+        model = TokenMLP().double()
+        forward = torch.compile(model, backend="eager") if compiled else model
+        options = {"inv_freq": 4, "factor_freq": 2} if kind == "kfac" else {"factor_freq": 4}
+        opt = (ht.KFAC if kind == "kfac" else ht.MKOR)(forward, SERIAL, lr=0.1, **options)
+        for x, y in data:
+            opt.zero_grad()
+            ((forward(x) - y) ** 2).mean().backward()
+            opt.step()
+        return flat(model), opt
+
+    eager, _ = train(False)
+    compiled, opt = train(True)
+    np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-12)
+    assert opt.capture.persistent and opt.capture._handles
+    # the recording and the plain variants (9, dynamo's cache limit, before)
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    # graph breaks only where the hooks record (eagerly, on recording steps)
+    assert all("_record" in reason or "_count" in reason for reason in counters["graph_break"])

@@ -65,6 +65,11 @@ FIRST_ORDER_BY_DESIGN = {
 }
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is what ``torch.compile(model)`` returns."""
+    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
+
+
 def unwrap(model: nn.Module) -> tuple[nn.Module, Any]:
     """``(the model to hook, its DistributedDataParallel wrapper or None)``: a DDP model
     is hooked inside ``.module`` (the layer names are the plain model's); an FSDP model
@@ -72,8 +77,12 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, Any]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     ddp = None
+    if _is_compiled(model):  # torch.compile(model): hook the original modules
+        model = model._orig_mod
     if isinstance(model, nn.parallel.DistributedDataParallel):
         ddp, model = model, model.module
+    if _is_compiled(model):
+        model = model._orig_mod
     try:
         from torch.distributed import fsdp
         sharded = tuple(getattr(fsdp, n) for n in ("FullyShardedDataParallel", "FSDPModule")
@@ -98,6 +107,7 @@ class LayerCapture:
     module names or regular expressions matched against the whole name)."""
 
     def __init__(self, model: nn.Module, skip_layers: Iterable[str] = ()):
+        compiled = _is_compiled(model)
         model, _ = unwrap(model)
         if isinstance(skip_layers, str):
             skip_layers = [skip_layers]
@@ -154,6 +164,9 @@ class LayerCapture:
         self.batches: dict[str, dict[int, int]] = {}
         self.grads: dict[str, list[torch.Tensor]] = {}
         self.passes = 0
+        # hooks kept registered between recording steps (set once a hook runs under
+        # torch.compile, or for a model given compiled)
+        self.persistent = compiled
         self._handles: list[Any] = []
         self._active = False
         self._removed = False
@@ -161,7 +174,10 @@ class LayerCapture:
     @property
     def active(self) -> bool:
         """Whether the hooks record; setting it registers or removes the forward hooks (a
-        module with no hook takes torch's fast call path)."""
+        module with no hook takes torch's fast call path). Once the model runs under
+        ``torch.compile`` (:attr:`persistent`), the hooks stay registered and only the
+        flag changes: the compiled model then keeps two variants of its graph, recording
+        and not, instead of recompiling whenever hooks come and go."""
         return self._active
 
     @active.setter
@@ -171,7 +187,7 @@ class LayerCapture:
             self._handles = [self.model.register_forward_pre_hook(_PassCounter(self))]
             self._handles += [m.register_forward_hook(self._forward_hook(n))
                               for n, m in self.layers]
-        elif not self._active and self._handles:
+        elif not self._active and self._handles and not self.persistent:
             for handle in self._handles:
                 handle.remove()
             self._handles = []
@@ -359,6 +375,18 @@ def set_grad_matrix(module: nn.Module, d: torch.Tensor) -> None:
         bias.grad.copy_(d[:, n_w])
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _eager(function: Any) -> Any:
+    """``function`` run eagerly when called from a compiled graph (a graph break there:
+    it touches autograd nodes and Python counters, which dynamo cannot trace)."""
+    compiler = getattr(torch, "compiler", None)
+    return compiler.disable(function) if compiler is not None else function
+
+
 class _ForwardHook:
     """The forward hook on one layer: a module-level class, not a closure, so that
     ``copy.deepcopy([model, optimizer])`` points the copied model's hooks at the copied
@@ -371,7 +399,17 @@ class _ForwardHook:
         self.capture, self.name = capture, name
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        if not self.capture.active or not output.requires_grad:
+        # Under torch.compile only this flag is read in the traced graph (one guard: a
+        # graph that records and one that does not); recording runs eagerly.
+        if not self.capture._active:
+            return
+        if _compiling():
+            self.capture.persistent = True
+        self._record(module, inputs, output)
+
+    @_eager
+    def _record(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        if not output.requires_grad:
             return
         hook = _GradHook(self.capture, self.name, module, inputs[0].detach(), output.output_nr,
                          self.capture.passes)
@@ -423,4 +461,9 @@ class _PassCounter:
         self.capture = capture
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
+        if self.capture._active:
+            self._count()
+
+    @_eager
+    def _count(self) -> None:
         self.capture.passes += 1
