@@ -44,6 +44,8 @@ setup(
             "ruff>=0.4",
             # tests/test_array_api.py: the kernels under a strict array-API namespace
             "array-api-strict>=2.0",
+            # tests/test_torch_suite.py: torch's optimizer test infrastructure imports it
+            "expecttest",
         ],
     },
     entry_points={"console_scripts": ["hpcqn = hpcqn.__main__:main"]},

@@ -211,7 +211,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="loss"):
         opt.step()
     with pytest.raises(TypeError, match="closure"):
-        opt.step(lambda: 0.0)
+        opt.step(0.0)
     other = ht.MKOR(make_model("cnn"), SERIAL)
     with pytest.raises(ValueError, match="layers"):
         other.load_state_dict(ht.MKOR(make_model("mlp", hidden=8), SERIAL).state_dict())

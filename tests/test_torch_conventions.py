@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -137,9 +138,9 @@ def test_deepcopy_gives_a_working_optimizer_and_pickle_names_the_alternative(kin
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("kind", KINDS)
 def test_step_with_a_closure_returns_its_loss_and_steps_as_without(kind):
-    """torch's contract, as SGD: the closure runs under enable_grad (step is no_grad), its
-    loss is returned; the steps equal those of the loop without closure (MKOR-H takes the
-    closure's loss for its switch)."""
+    """torch's contract, as SGD: the closure runs under enable_grad (step is no_grad), what
+    it returns (the loss tensor, or a float) is returned; the steps equal those of the loop
+    without closure (MKOR-H takes the closure's loss for its switch)."""
     reference = make_model()
     train(kind, reference, build(kind, reference), 4)
     for maker in (lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
@@ -157,8 +158,10 @@ def test_step_with_a_closure_returns_its_loss_and_steps_as_without(kind):
 
             assert opt.step(closure) is closure.loss
     assert torch.equal(vector(model), vector(reference))
-    with pytest.raises(TypeError, match="closure"):
-        build(kind, make_model()).step(lambda: 0.0)
+    opt = build(kind, make_model())
+    assert opt.step(lambda: 0.5) == 0.5  # whatever the closure returns, as torch.optim
+    with pytest.raises(TypeError, match="closure must be callable"):
+        opt.step(0.5)
 
 
 # 4 ---------------------------------------------------------------------------------------
@@ -377,3 +380,43 @@ def test_a_frozen_parameter_of_a_preconditioned_layer_does_not_move(kind):
     train(kind, model, opt, 3, start=3)
     assert bias.grad is None and torch.equal(bias, value)
     assert not torch.equal(weight, start)
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
+def test_mlbfgs_places_each_parameter_that_requires_a_gradient_once():
+    """As torch.optim: a parameter given twice is optimized once (the run equals the one
+    without the repeat, bitwise); one that does not require a gradient at construction
+    is accepted, takes no place in the flat tensors and never moves, and a gradient it
+    gets after being unfrozen warns once (it cannot join the fixed layout); a sparse
+    gradient raises before any communication."""
+    reference = make_model()
+    train("mlbfgs", reference, build("mlbfgs", reference), 4)
+    model = make_model()
+    params = list(model.parameters())
+    opt = ht.MLBFGS(params + [params[0]], SERIAL, lr=0.1, period=2)
+    train("mlbfgs", model, opt, 4)
+    assert torch.equal(vector(model), vector(reference))
+
+    model = make_model()
+    frozen = model[2].weight
+    frozen.requires_grad_(False)
+    value = frozen.detach().clone()
+    opt = build("mlbfgs", model)
+    assert opt.flat_param.numel() == sum(p.numel() for p in model.parameters()) - value.numel()
+    train("mlbfgs", model, opt, 2)
+    assert torch.equal(frozen, value)
+    frozen.requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="did not require a gradient"):
+        train("mlbfgs", model, opt, 1, start=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per parameter
+        train("mlbfgs", model, opt, 1, start=3)
+    assert torch.equal(frozen, value)
+
+    model = make_model()
+    opt = build("mlbfgs", model)
+    before = vector(model)
+    model[0].weight.grad = torch.ones_like(model[0].weight).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert torch.equal(vector(model), before)

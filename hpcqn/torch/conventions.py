@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import types
 from collections import OrderedDict, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -102,28 +102,37 @@ def split_ours(state: Mapping[Any, Any]) -> tuple[dict[Any, Any], Any]:
 
 
 def pack(opt: torch.optim.Optimizer, ours: Any,
-         base: Mapping[str, Any] | None = None) -> StateDict:
+         base: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
+         ) -> StateDict:
     """``opt``'s torch-shaped state dict with ``ours`` nested in it, running ``opt``'s
     state-dict pre and post hooks as ``torch.optim.Optimizer.state_dict`` does. ``base``:
-    a torch state dict to start from (a wrapped optimizer's), else ``opt.state`` and
-    ``opt.param_groups`` are packed the way torch packs them."""
+    a torch state dict to start from (a wrapped optimizer's), or a function returning
+    one, called after the pre hooks (so that what they put in ``opt.state`` is in it);
+    else ``opt.state`` and ``opt.param_groups`` are packed the way torch packs them
+    (parameters numbered by position over the groups, a repeated parameter keeping its
+    first number; state under a key that is not a parameter kept under that key)."""
     for hook in opt._optimizer_state_dict_pre_hooks.values():
         hook(opt)
+    if callable(base):
+        base = base()
     if base is None:
         index: dict[int, int] = {}
         groups = []
+        start = 0
         for group in opt.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
+            for i, p in enumerate(group["params"], start):
+                index.setdefault(id(p), i)
             packed["params"] = [index[id(p)] for p in group["params"]]
+            start += len(group["params"])
             groups.append(packed)
-        state = {index[id(k)]: dict(v) for k, v in opt.state.items()
-                 if isinstance(k, torch.Tensor) and id(k) in index}
+        state = {(index[id(k)] if isinstance(k, torch.Tensor) else k): v
+                 for k, v in opt.state.items()
+                 if not isinstance(k, torch.Tensor) or id(k) in index}
     else:
         groups = list(base["param_groups"])
-        state = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base["state"].items()}
-    first = dict(state.get(0, {}))
+        state = dict(base["state"])
+    first = dict(state.get(0, {}))  # a copy: opt.state's own entry stays as it is
     first[OURS] = to_torch(ours)
     state = {0: first, **{k: v for k, v in state.items() if k != 0}}
     result: Any = {"state": state, "param_groups": groups}
@@ -164,17 +173,28 @@ def unpack(opt: torch.optim.Optimizer, state_dict: Mapping[str, Any], what: str,
     return dict(torch_part), to_numpy(ours)
 
 
-def call_closure(closure: Any, what: str) -> torch.Tensor:
-    """torch's closure contract: called under ``torch.enable_grad()``; it computes the loss,
-    calls ``backward()`` and returns the loss, which must be a tensor (``TypeError``
-    otherwise: a closure that back-propagates nothing is a mistake here)."""
+def call_closure(closure: Any, what: str) -> Any:
+    """torch's closure contract: called under ``torch.enable_grad()`` (``step`` runs
+    under ``no_grad``); it computes the loss and calls ``backward()``; whatever it returns
+    is what ``step`` returns (``torch.optim.Optimizer.step``: the loss, a tensor or a
+    float, or anything else). ``what``: the optimizer's name, for the ``TypeError`` when
+    ``closure`` is not callable."""
+    if not callable(closure):
+        raise TypeError(f"{what}.step(closure): closure must be callable (it computes the "
+                        f"loss and calls backward()), got {type(closure).__name__}")
     with torch.enable_grad():
-        loss = closure()
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"{what}.step(closure): the closure must compute the loss, call "
-                        f"backward() and return the loss tensor; it returned "
-                        f"{type(loss).__name__}")
-    return loss
+        return closure()
+
+
+def learning_rate(lr: Any, what: str) -> Any:
+    """``lr`` as an option check sees it: a one-element tensor (torch takes a tensor
+    ``lr``; it stays one in the param groups) as its float, anything else as it is.
+    ``ValueError`` for a tensor of several elements, as ``torch.optim``."""
+    if not isinstance(lr, torch.Tensor):
+        return lr
+    if lr.numel() != 1:
+        raise ValueError(f"{what}: Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    return float(lr)
 
 
 def run_load_post_hooks(opt: torch.optim.Optimizer) -> None:
@@ -183,10 +203,13 @@ def run_load_post_hooks(opt: torch.optim.Optimizer) -> None:
 
 
 def load_torch_part(opt: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
-    """What ``torch.optim.Optimizer.load_state_dict`` does with the torch part (groups'
-    options and per-parameter state, copied), without running the hooks again."""
+    """What ``torch.optim.Optimizer.load_state_dict`` does with the torch part, without
+    running the hooks again: the groups' options from ``saved`` (each group keeps its
+    ``param_names`` when ``saved`` has none), and the per-parameter state, copied, its
+    tensors (but ``"step"``) moved to the parameter's device and floating dtype; state
+    under a key that is not a parameter number is kept under that key."""
     groups = opt.param_groups
-    saved_groups = saved.get("param_groups")
+    saved_groups = copy.deepcopy(saved.get("param_groups"))
     if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
         raise ValueError("loaded state dict has a different number of parameter groups")
     if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups,
@@ -195,16 +218,36 @@ def load_torch_part(opt: torch.optim.Optimizer, saved: Mapping[str, Any]) -> Non
                          "the size of optimizer's group")
     id_map = {i: p for g, s in zip(groups, saved_groups, strict=True)
               for i, p in zip(s["params"], g["params"], strict=True)}
-    state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+    state: defaultdict[Any, Any] = defaultdict(dict)
     for k, v in saved.get("state", {}).items():
-        state[id_map.get(k, k)] = copy.deepcopy(v)
+        if k in id_map:
+            state[id_map[k]] = _cast(id_map[k], copy.deepcopy(v))
+        else:
+            state[k] = copy.deepcopy(v)
     new_groups = []
     for g, s in zip(groups, saved_groups, strict=True):
-        group = copy.deepcopy({k: v for k, v in s.items() if k != "params"})
-        group["params"] = g["params"]
-        new_groups.append(group)
+        s["params"] = g["params"]
+        if "param_names" in g and "param_names" not in s:
+            s["param_names"] = g["param_names"]
+        new_groups.append(s)
     opt.state = state
     opt.param_groups = new_groups
+
+
+def _cast(param: torch.Tensor, value: Any, key: Any = None) -> Any:
+    """``value`` with its tensors on ``param``'s device (and, for a floating ``param``,
+    in its dtype), except a ``"step"`` count, as torch loads per-parameter state."""
+    if isinstance(value, torch.Tensor):
+        if key == "step":
+            return value
+        if param.is_floating_point():
+            return value.to(dtype=param.dtype, device=param.device)
+        return value.to(device=param.device)
+    if isinstance(value, dict):
+        return {k: _cast(param, v, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(param, v) for v in value)
+    return value
 
 
 def step_without_global_hooks(opt: torch.optim.Optimizer, closure: Any = None) -> Any:

@@ -47,6 +47,7 @@ from ..curvature.kfac_factors import kl_clip_scale
 from ..optimizers.kfac import KFAC as CoreKFAC
 from ..options import Rule
 from ..timing import phase
+from . import conventions
 from .layerwise import LayerwiseOptimizer
 
 
@@ -78,7 +79,8 @@ class KFAC(LayerwiseOptimizer):
         verbose: bool = False,
         **core_options: Any,
     ):
-        given = options.validate(self, locals())
+        given = options.validate(
+            self, {**locals(), "lr": conventions.learning_rate(lr, "hpcqn.torch.KFAC")})
         super().__init__(model, comm, optimizer, lr, skip_layers, grad_scaler,
                          optimizer_options, divergence_steps, divergence)
         self.core = CoreKFAC(self.capture.shapes, self.comm, dtype=self.np_dtype, xp=self.xp,

@@ -136,6 +136,11 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         dtypes = {p.dtype for p in params}
         devices = {p.device for p in params}
+        complex_dtypes = sorted(str(d) for d in dtypes if d.is_complex)
+        if complex_dtypes:
+            raise TypeError(f"{self.kind} does not support complex parameters (got "
+                            f"{complex_dtypes[0]}): its Kronecker factors are real; optimize "
+                            f"real parameters")
         if len(devices) != 1:
             raise TypeError(f"{self.kind} needs all parameters on one device, got devices "
                             f"{sorted(map(str, devices))}; move the model with model.to(device)")
@@ -379,7 +384,8 @@ class LayerwiseOptimizer(conventions.CopyableOptimizer, torch.optim.Optimizer):
                 "shapes": [list(s) for s in self.core.shapes],
                 "placement": self.core.placement,
                 "skipped_steps": self.core.skipped_steps, **self._extra_state()}
-        return conventions.pack(self, ours, base=self.inner.state_dict())
+        # the inner state dict is made after the state-dict pre-hooks ran
+        return conventions.pack(self, ours, base=self.inner.state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (also the earlier layout with top-level ``"inner"``

@@ -43,6 +43,7 @@ from ..optimizers.mkor import MKOR as CoreMKOR
 from ..optimizers.mkor import HybridSwitch
 from ..options import Rule
 from ..timing import phase
+from . import conventions
 from .layerwise import OPTIMIZERS, LayerwiseOptimizer, first_order
 
 __all__ = ["MKOR", "OPTIMIZERS", "first_order"]
@@ -85,7 +86,8 @@ class MKOR(LayerwiseOptimizer):
         verbose: bool = False,
         **core_options: Any,
     ):
-        given = options.validate(self, locals())
+        given = options.validate(
+            self, {**locals(), "lr": conventions.learning_rate(lr, "hpcqn.torch.MKOR")})
         super().__init__(model, comm, optimizer, lr, skip_layers, grad_scaler,
                          optimizer_options, divergence_steps, divergence)
         self.core = CoreMKOR(self.capture.shapes, self.comm, dtype=self.np_dtype, xp=self.xp,

@@ -17,13 +17,19 @@ tensors) a post-accumulate-grad hook (or, for anything else, the step) copies th
 gradients into the flat buffer once and re-attaches the views;
 ``zero_grad(set_to_none=False)`` keeps the views attached and saves that copy.
 
-torch conventions (:mod:`hpcqn.torch.conventions`): a parameter whose ``.grad`` is None
-at ``step()`` does not move (as in ``torch.optim``; with several ranks only a parameter
-that does not require a gradient counts as frozen so, since a None gradient may be one
-rank's alone: there it counts as a zero gradient in the average); ``step(closure)``;
-``opt.state[p]["step"]``; a ``{"state", "param_groups"}`` state dict of tensors;
-``copy.deepcopy``; the group's ``"momentum"`` is the core's ``direction_momentum``, read
-at every step (so ``OneCycleLR``'s momentum cycling drives it).
+torch conventions (:mod:`hpcqn.torch.conventions`; torch's generic optimizer tests run
+on it in tests/test_torch_suite.py): a parameter whose ``.grad`` is None at ``step()``
+does not move (as in ``torch.optim``; with several ranks only a parameter that does not
+require a gradient counts as frozen so, since a None gradient may be one rank's alone:
+there it counts as a zero gradient in the average); a parameter that does not require a
+gradient at construction is accepted, takes no place in the flat tensors and never moves
+(one given twice is placed once); ``step(closure)`` returns what the closure returns;
+``lr`` may be a one-element tensor; ``opt.state[p]["step"]``; a
+``{"state", "param_groups"}`` state dict of tensors (``param_names`` too, kept when a
+state dict without names is loaded; what a state-dict pre hook puts in ``opt.state``
+is in it); ``copy.deepcopy``; the group's ``"momentum"`` is the core's
+``direction_momentum``, read at every step (so ``OneCycleLR``'s momentum cycling drives
+it).
 
 Agreement between ranks: at construction every declared option, the blocks and the model
 (the parameters' count, shapes, dtypes and values) are checked in one small reduction
@@ -36,6 +42,7 @@ rank's are not finite every rank raises
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -55,6 +62,7 @@ from .data import check_finite_parameters, check_same_parameters, model_descript
 # What the bridge forwards to the core: every core option but these (lr and weight_decay
 # are the bridge's own, in param_groups; the step is always the replicated one).
 NOT_FORWARDED = ("lr", "weight_decay", "mode")
+WHAT = "hpcqn.torch.MLBFGS"
 CORE_OPTIONS = tuple(name for name in options.declared(CoreMLBFGS)
                      if name not in NOT_FORWARDED)
 
@@ -100,11 +108,13 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
     :class:`hpcqn.torch.KFAC` with a ``torch.optim`` optimizer over several groups);
     parameters must be float32 or float64, all of one dtype (half precision raises
     ``TypeError``: keep float32 weights with ``model.float()`` and use ``torch.autocast``;
-    mixed dtypes: ``model.to(dtype)``); the optimizer cannot be pickled (``TypeError``:
-    save ``state_dict()`` with ``torch.save`` and ``load_state_dict`` it into a new one;
-    ``copy.deepcopy([model, opt])`` works within a process); ``step(closure)``'s closure
-    must return the loss tensor; ``torch.compile(opt.step)`` runs the step eagerly (it
-    calls NumPy and MPI, so dynamo is disabled for it).
+    mixed dtypes: ``model.to(dtype)``; complex parameters: ``TypeError``); sparse
+    gradients raise ``RuntimeError``; the flags ``foreach``, ``fused``,
+    ``differentiable``, ``capturable`` and ``maximize`` are not options; the optimizer
+    cannot be pickled (``TypeError``: save ``state_dict()`` with ``torch.save`` and
+    ``load_state_dict`` it into a new one; ``copy.deepcopy([model, opt])`` works within a
+    process); ``torch.compile(opt.step)`` runs the step eagerly (it calls NumPy and MPI,
+    so dynamo is disabled for it). docs/torch_known_differences.md lists them all.
 
     Every rank must build the same model and call ``step()`` once per step with its own
     minibatch gradient; the step averages the gradients over ranks.
@@ -127,7 +137,7 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
         max_block_size: int | None = None,
         **core_options: Any,
     ):
-        given = options.validate(self, locals())
+        given = options.validate(self, {**locals(), "lr": conventions.learning_rate(lr, WHAT)})
         self._building = True
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self._building = False
@@ -135,10 +145,14 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
             raise ValueError(ONE_GROUP)
         self.comm: Communicator = get_comm(comm)
         self.max_block_size = max_block_size
-        params = [p for p in self.param_groups[0]["params"] if p.requires_grad]
-        if not params:
-            raise ValueError("no parameter requires a gradient")
-        _check_uniform(params)
+        # Each parameter once (torch warns of a repeated one and keeps it), in order. One
+        # that does not require a gradient takes no place and never moves, as in torch.
+        group = self.param_groups[0]["params"]
+        params = list({id(p): p for p in group if p.requires_grad}.values())
+        self._unplaced = [p for p in group if not p.requires_grad]
+        self._warned_unplaced: set[int] = set()  # positions in _unplaced
+        if params:
+            _check_uniform(params)
         counts = list(blocks) if blocks is not None else layer_blocks(params, max_block_size)
         if sum(counts) != len(params) or any(int(c) != c or c < 1 for c in counts):
             raise ValueError(f"blocks {counts} must be positive counts of consecutive "
@@ -148,23 +162,32 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
             grouped.append(params[start : start + count])
             start += count
         sizes = [sum(p.numel() for p in group) for group in grouped]
+        self._params = params  # in parameter order
+        agreed = {f"option {name!r}": given.get(name, option.default)
+                  for name, option in options.declared(type(self)).items()}
+        agreed["blocks"] = tuple(int(c) for c in counts)
+        momentum = given.get("direction_momentum",
+                             options.declared(type(self))["direction_momentum"].default)
+        self.defaults["momentum"] = momentum
+        self.param_groups[0].setdefault("momentum", momentum)
+        if not params:  # nothing to optimize: a step calls the closure and the hooks only
+            self.parameter_layout = self.layout = None
+            self.block_ids: list[int] = []
+            self.core: CoreMLBFGS | None = None
+            self._attach([], None)
+            check_same_parameters([], self.comm, options=agreed, what=WHAT)
+            return
         # Blocks in parameter order (ids independent of the rank count), and the same
         # blocks renumbered into rank-major order for the flat storage.
         self.parameter_layout = BlockLayout.from_sizes(sizes, self.comm.size)
         layout, self.block_ids = self.parameter_layout.rank_sorted()
         self.layout = layout
-        self._params = params  # in parameter order
         self._attach([grouped[b] for b in self.block_ids], layout)
-        agreed = {f"option {name!r}": given.get(name, option.default)
-                  for name, option in options.declared(type(self)).items()}
-        agreed["blocks"] = tuple(int(c) for c in counts)
         check_same_parameters([self.flat_param], self.comm, options=agreed,
-                              model=model_description(params), what="hpcqn.torch.MLBFGS")
-        self.core = CoreMLBFGS(layout, self.comm, lr=lr, weight_decay=weight_decay,
+                              model=model_description(params), what=WHAT)
+        self.core = CoreMLBFGS(layout, self.comm, lr=float(lr), weight_decay=weight_decay,
                                **core_options)
         self.core.kernels = TORCH_KERNELS
-        self.defaults["momentum"] = self.core.direction_momentum
-        self.param_groups[0].setdefault("momentum", self.core.direction_momentum)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only the one group given at construction (``ValueError`` naming what to do)."""
@@ -174,10 +197,11 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
         raise ValueError(ONE_GROUP)
 
     # -- storage ----------------------------------------------------------------------
-    def _attach(self, ordered: list[list[torch.Tensor]], layout: BlockLayout) -> None:
-        """Move parameters into the flat tensors and point ``.data``/``.grad`` at them."""
-        first = ordered[0][0]
-        n, nranks = layout.n, layout.nranks
+    def _attach(self, ordered: list[list[torch.Tensor]], layout: BlockLayout | None) -> None:
+        """Move parameters into the flat tensors and point ``.data``/``.grad`` at them
+        (``layout`` None: no parameter to place, empty flat tensors)."""
+        first = ordered[0][0] if ordered else torch.empty(0)
+        n, nranks = (layout.n, layout.nranks) if layout is not None else (0, 0)
         self.flat_param = torch.empty(n, dtype=first.dtype, device=first.device)
         self.flat_grad = torch.zeros(n + nranks, dtype=first.dtype, device=first.device)
         self.views: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, its grad view)
@@ -192,9 +216,10 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
                 p.data = data
                 start = position + flag_slots_before
                 grad = self.flat_grad[start : start + size].view_as(p)
-                if p.grad is not None:
-                    grad.copy_(p.grad)
-                p.grad = grad
+                if p.grad is None or p.grad.layout == torch.strided:  # sparse: step raises
+                    if p.grad is not None:
+                        grad.copy_(p.grad)
+                    p.grad = grad
                 self.views.append((p, grad))
                 self._slots.append((position, start))
                 position += size
@@ -235,6 +260,7 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
         """Re-attach gradients that something replaced (copying them into the flat
         buffer); a None gradient is a zero slice and leaves ``.grad`` None. Returns the
         parameters that do not move this step (see the module docs)."""
+        self._check_gradients()
         frozen = []
         serial = self.comm.size == 1
         for (p, grad), (data_start, _) in zip(self.views, self._slots, strict=True):
@@ -250,6 +276,24 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
                 grad.copy_(p.grad)
                 p.grad = grad
         return frozen
+
+    def _check_gradients(self) -> None:
+        """A sparse gradient raises (before any collective: a model's sparse gradients
+        are sparse on every rank); a gradient of a parameter that did not require one at
+        construction (it has no place in the flat tensors, so it does not move) warns once
+        per parameter."""
+        for p, _ in self.views:
+            if p.grad is not None and p.grad.layout != torch.strided:
+                raise RuntimeError(f"{WHAT} does not support sparse gradients (parameter of "
+                                   f"shape {tuple(p.shape)}); use dense gradients (e.g. "
+                                   f"nn.Embedding(sparse=False))")
+        for i, p in enumerate(self._unplaced):
+            if p.grad is not None and i not in self._warned_unplaced:
+                self._warned_unplaced.add(i)
+                warnings.warn(f"{WHAT}: parameter {i} of shape {tuple(p.shape)} did not "
+                              f"require a gradient when the optimizer was built, so it has "
+                              f"no place in the flat tensors and does not move; build the "
+                              f"optimizer after unfreezing it", RuntimeWarning, stacklevel=4)
 
     # -- torch.optim.Optimizer -----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -271,11 +315,12 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         """One data-parallel mL-BFGS step from the gradients in ``.grad``; with
         ``closure`` (torch's contract: called under ``torch.enable_grad()``, it computes the
-        loss, calls ``backward()`` and returns the loss) first calls it and returns its
-        loss."""
+        loss and calls ``backward()``) first calls it, and returns what it returned."""
         loss = None
         if closure is not None:
-            loss = conventions.call_closure(closure, "hpcqn.torch.MLBFGS")
+            loss = conventions.call_closure(closure, WHAT)
+        if self.core is None:  # no parameter requires a gradient
+            return loss
         frozen = self.prepare_step()
         kept = [(p, p.detach().clone()) for p in frozen]
         taken = self.core.step_rank_major(self._x, self._send)
@@ -284,8 +329,7 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
             p.copy_(value)
             p.grad = grads[id(p)]  # its zero slice (the next backward accumulates into it)
         if not taken:  # skipped on every rank
-            check_finite_parameters([("", p) for p in self._params], self.comm,
-                                    "hpcqn.torch.MLBFGS")
+            check_finite_parameters([("", p) for p in self._params], self.comm, WHAT)
             return loss
         moved = {id(p) for p in frozen}
         for p in self._params:
@@ -305,7 +349,7 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
         self.core.weight_decay = float(group["weight_decay"])
         momentum = float(group.get("momentum", self.core.direction_momentum))
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"hpcqn.torch.MLBFGS: the group's momentum (the direction "
+            raise ValueError(f"{WHAT}: the group's momentum (the direction "
                              f"momentum) must be in [0, 1), got {momentum}")
         self.core.direction_momentum = momentum
         send = self._send
@@ -318,39 +362,47 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
     @property
     def timer(self) -> PhaseTimer | None:
         """Set a :class:`hpcqn.timing.PhaseTimer` to time the core step's phases (the
-        bridge's own work before it is not timed)."""
-        return self.core.timer
+        bridge's own work before it is not timed; with no parameter to optimize there is
+        no core step, and no timer)."""
+        return None if self.core is None else self.core.timer
 
     @timer.setter
     def timer(self, value: PhaseTimer | None) -> None:
-        self.core.timer = value
+        if self.core is not None:
+            self.core.timer = value
 
     @property
     def skipped_steps(self) -> int:
-        return self.core.skipped_steps
+        return 0 if self.core is None else self.core.skipped_steps
 
     def state_dict(self) -> dict[str, Any]:
         """torch-shaped (``{"state", "param_groups"}``, tensors and plain values only):
         torch's per-parameter ``"step"`` counts and param groups, and under
         ``["state"][0]["hpcqn"]`` this rank's curvature state per block, keyed by the
         block's position in parameter order (independent of the rank count)."""
-        core = self.core.state_dict()
-        core["blocks"] = {self.block_ids[b]: s for b, s in core["blocks"].items()}
-        ours = {"core": core, "owners": list(self.parameter_layout.owners),
-                "sizes": list(self.parameter_layout.sizes)}
+        if self.core is None:
+            ours: dict[str, Any] = {"core": {}, "owners": [], "sizes": []}
+        else:
+            core = self.core.state_dict()
+            core["blocks"] = {self.block_ids[b]: s for b, s in core["blocks"].items()}
+            ours = {"core": core, "owners": list(self.parameter_layout.owners),
+                    "sizes": list(self.parameter_layout.sizes)}
         return conventions.pack(self, ours)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (also the earlier layout, with a top-level
         ``"hpcqn"``); the load-state-dict hooks run."""
-        torch_state, saved = conventions.unpack(self, state_dict, "hpcqn.torch.MLBFGS")
-        sizes = list(self.parameter_layout.sizes)
+        torch_state, saved = conventions.unpack(self, state_dict, WHAT)
+        sizes = [] if self.core is None else list(self.parameter_layout.sizes)
         if list(saved["sizes"]) != sizes:
             raise ValueError(f"the saved state has blocks of sizes {saved['sizes']}, this "
                              f"optimizer {sizes}: not the same model or blocks")
         conventions.load_torch_part(self, torch_state)
         for group in self.param_groups:
-            group.setdefault("momentum", self.core.direction_momentum)
+            group.setdefault("momentum", self.defaults["momentum"])
+        if self.core is None:
+            conventions.run_load_post_hooks(self)
+            return
         core = dict(saved["core"])
         position = {old: new for new, old in enumerate(self.block_ids)}
         core["blocks"] = {position[int(b)]: s for b, s in core["blocks"].items()}
@@ -411,7 +463,8 @@ class _AttachGrad:
         grad = p.grad
         if grad is None or grad.data_ptr() == self.view.data_ptr():
             return
-        if grad.shape != self.view.shape or grad.dtype != self.view.dtype or grad.is_sparse:
+        if (grad.shape != self.view.shape or grad.dtype != self.view.dtype
+                or grad.layout != torch.strided):
             return  # not ours to handle: the step copies it
         with torch.no_grad():
             self.view.copy_(grad)
@@ -425,17 +478,26 @@ def _is_view_of(p: torch.Tensor, flat: torch.Tensor) -> bool:
 
 
 def _check_uniform(params: list[torch.Tensor]) -> None:
+    """The parameters that require a gradient share one device and one real float32 or
+    float64 dtype (``TypeError`` naming what to do otherwise)."""
     devices = {str(p.device) for p in params}
     dtypes = {str(p.dtype) for p in params}
+    complex_dtypes = sorted(str(p.dtype) for p in params if p.is_complex())
+    if complex_dtypes:
+        raise TypeError(f"{WHAT} does not support complex parameters (got "
+                        f"{complex_dtypes[0]}): its curvature pairs are real inner "
+                        f"products; optimize real ones (e.g. a parameter of "
+                        f"torch.view_as_real shape, made complex with "
+                        f"torch.view_as_complex in the forward)")
     if len(devices) > 1:
         raise TypeError(f"parameters live on several devices ({sorted(devices)}); "
-                        f"hpcqn.torch.MLBFGS needs them on one")
+                        f"{WHAT} needs them on one")
     if len(dtypes) > 1:
         raise TypeError(f"parameters have several dtypes ({sorted(dtypes)}); "
-                        f"hpcqn.torch.MLBFGS needs one: convert the model with "
+                        f"{WHAT} needs one: convert the model with "
                         f"model.to(dtype) (e.g. model.double())")
     dtype = dtypes.pop()
     if dtype not in ("torch.float32", "torch.float64"):
-        raise TypeError(f"hpcqn.torch.MLBFGS needs float32 or float64 parameters, got "
+        raise TypeError(f"{WHAT} needs float32 or float64 parameters, got "
                         f"{dtype}: keep float32 weights (model.float()) and use "
                         f"torch.autocast for half precision")
