@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+import warnings
 from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,7 @@ class Minimizer:
         self._x0 = x0
         self._steps: Generator[Any, Any, None] | None = None
         self._point: Any = None
+        self._asked = False  # whether ask() gave the point that tell() answers
         self._result: OptimizeResult | None = None
         self._failure: BaseException | None = None
         self.done = False
@@ -199,6 +201,7 @@ class Minimizer:
                                   nit=solver.nit)
 
     def _advance(self, told: Any) -> None:
+        self._asked = False
         try:
             self._point = self._steps.send(told)  # send(None) starts the generator
         except StopIteration:
@@ -217,11 +220,18 @@ class Minimizer:
         if self._steps is None:
             self._steps = self._run()
             self._advance(None)
+        self._asked = True
         return self._point
 
     def _answer(self, told: Any) -> None:
-        if self._point is None:
-            raise RuntimeError("tell() needs a point from ask() first")
+        """Send the evaluation (or the exception in it) of the asked point. A tell with no
+        point asked is misuse that the other ranks cannot see: it goes to them as this
+        rank's error, in the reduction they wait in, and every rank raises."""
+        if not self._asked:
+            self._next()  # the other ranks wait in the reduction of the point it yields
+            if not isinstance(told, BaseException):
+                told = RuntimeError("tell() needs a point from ask() first (every tell "
+                                    "answers one ask)")
         self._advance(told)
 
     def _solve(self, fun: Callable[[Any], tuple[Any, Any]]) -> None:
@@ -248,7 +258,9 @@ class Minimizer:
     def tell(self, f_part: Any, g: Any) -> None:
         """The evaluation at the point :meth:`ask` gave: this rank's part of ``f`` (the
         whole ``f`` with the option ``fun_global``) and its slice of the gradient.
-        Collective: every rank calls it (it makes the solver's reductions)."""
+        Collective: every rank calls it (it makes the solver's reductions). Each tell
+        answers one ask: a tell with no point asked on this rank raises RuntimeError here
+        and :class:`hpcqn.comm.RemoteRankError` on the other ranks, and ends the solver."""
         self._answer((f_part, g))
 
     def fail(self, error: BaseException) -> None:
@@ -332,6 +344,9 @@ def _scipy_style(
 _SCIPY_NAMES = {"maxcor": "history"}
 _SCIPY_IGNORED = ("iprint", "workers", "return_all")
 _FD_METHODS = ("2-point", "3-point", "cs")
+LBFGSB_MAXFUN = 15000  # L-BFGS-B's default limit on the calls of fun
+# scipy.optimize.minimize's message for L-BFGS-B when the bounds fix every variable.
+ALL_FIXED = "All independent variables were fixed by bounds."
 
 
 def scipy_lbfgs(
@@ -346,35 +361,47 @@ def scipy_lbfgs(
 ) -> OptimizeResult:
     """hpcqn's L-BFGS as a SciPy custom method (serial; no MPI):
     ``scipy.optimize.minimize(fun, x0, method=hpcqn.scipy_lbfgs, options=...)``, with
-    L-BFGS-B's conventions:
+    the conventions of ``minimize(method="L-BFGS-B")``:
 
     - ``jac``: a callable, ``True`` (``fun`` returns ``(f, g)``), or ``None`` / ``False`` /
-      ``"2-point"`` / ``"3-point"`` / ``"cs"``: the gradient by finite differences through
-      :func:`scipy.optimize.approx_fprime` with L-BFGS-B's absolute step ``eps`` (or
-      ``finite_diff_rel_step * max(1, |x|)``); ``"3-point"`` and ``"cs"`` take central
-      differences (the mean of a forward and a backward difference).
+      ``"2-point"`` / ``"3-point"`` / ``"cs"``: the gradient by finite differences with
+      L-BFGS-B's absolute step ``eps`` (or ``finite_diff_rel_step * max(1, |x|)``),
+      forward, or central for ``"3-point"`` and ``"cs"`` (see
+      :func:`_difference_gradient`: steps stay in the box; variables the bounds fix are
+      not differenced and their ``jac`` entry is NaN, as ``minimize`` reports them for
+      L-BFGS-B; ``minimize`` hands a custom method ``jac=None`` for the three names, so
+      central differences need a direct call). ``nfev`` counts the calls of ``fun``
+      (those of the differences too) and ``maxfun`` limits them, as L-BFGS-B counts;
+      ``njev`` counts gradients.
     - options: ``maxcor`` (= ``history``), ``ftol``, ``gtol``, ``eps``, ``maxfun``,
-      ``maxiter`` (``np.inf`` means no limit; a fraction rounds up, as L-BFGS-B counts),
-      ``maxls``, ``finite_diff_rel_step``; ``disp``, ``iprint``, ``workers`` and
-      ``return_all`` are accepted and do nothing; hpcqn's own options too. SciPy's
-      ``tol`` sets ``ftol`` and ``gtol``, as for L-BFGS-B.
-    - ``f`` may be a size-1 array and ``jac`` any array-like; ``fun`` sees a copy of the
-      iterate (it may overwrite it); ``x`` and ``jac`` come back as float64; a non-finite
-      value at ``x0`` gives a failed result (``success=False``, status 2), not an error.
+      ``maxiter`` (``np.inf`` means no limit; a fraction rounds up and 0 means 1, as
+      L-BFGS-B tests the count after each iteration), ``maxls``,
+      ``finite_diff_rel_step``; ``disp``, ``iprint``, ``workers`` and ``return_all=False``
+      are accepted and do nothing; hpcqn's own options too. SciPy's ``tol`` sets ``ftol`` and
+      ``gtol``, as for L-BFGS-B.
+    - ``f`` may be a size-1 array and ``jac`` any real array-like (a complex ``x0``, ``f``
+      or gradient is refused: L-BFGS-B would drop its imaginary part with a
+      ``ComplexWarning``); ``fun`` sees a copy of the iterate (it may overwrite it); ``x``
+      and ``jac`` come back as float64; a non-finite value at ``x0`` gives a failed
+      result (``success=False``, status 2), not an error.
     - ``res.hess_inv`` is a :class:`scipy.optimize.LbfgsInvHessProduct` of the kept pairs.
     - ``bounds``: ``None``, a :class:`scipy.optimize.Bounds` (``keep_feasible`` is not
       needed: every iterate is feasible) or a sequence of ``(lo, hi)`` pairs with
-      ``None`` for no bound, as for L-BFGS-B; ``x0`` is clipped into them and finite
-      differences step backwards at an upper bound. Constraints are refused;
-      ``hess``/``hessp`` are ignored.
+      ``None`` for no bound, refused with ``minimize``'s messages; ``x0`` is clipped into
+      them; when they fix every variable the result is ``minimize``'s (one call of
+      ``fun``, the message :data:`ALL_FIXED`).
+    - ``constraints``, ``hess``, ``hessp`` and ``return_all=True`` are ignored with the
+      ``RuntimeWarning`` that ``minimize`` gives for L-BFGS-B.
     """
-    from scipy.optimize import LbfgsInvHessProduct, approx_fprime
+    from scipy.optimize import LbfgsInvHessProduct
 
     options = dict(options)
-    options.pop("hess", None)
-    options.pop("hessp", None)
-    if constraints is not None and len(constraints):
-        raise ValueError("hpcqn's L-BFGS is unconstrained; constraints are not supported")
+    _warn_unused(constraints, options.pop("hess", None), options.pop("hessp", None),
+                 options.get("return_all", False))
+    x0 = np.asarray(x0)
+    if x0.dtype.kind == "c":
+        raise TypeError(f"x0 must be real, got dtype {x0.dtype} (L-BFGS-B would drop its "
+                        f"imaginary part)")
     x0 = np.asarray(x0, dtype=np.float64).ravel().copy()
     box = _scipy_bounds(bounds, x0.size)
     tol = options.pop("tol", None)
@@ -392,46 +419,49 @@ def scipy_lbfgs(
         if name in options:
             limit = options[name]
             if isinstance(limit, (int, float, np.number)) and not isinstance(limit, bool):
-                options[name] = sys.maxsize if math.isinf(limit) else int(math.ceil(limit))
+                options[name] = (sys.maxsize if math.isinf(limit)
+                                 else max(1, int(math.ceil(limit))))
     eps = options.pop("eps", 1e-8)
     rel_step = options.pop("finite_diff_rel_step", None)
+    calls = 0  # of fun
 
     def value(x: Any) -> float:
-        f = np.asarray(fun(x.copy(), *args), dtype=np.float64)
-        if f.size != 1:
-            raise FunctionError(f"fun must return a scalar (or a size-1 array), got shape "
-                                f"{f.shape}")
-        return float(f.reshape(()))
+        nonlocal calls
+        calls += 1
+        return _real_scalar(fun(x.copy(), *args))
 
-    def grad_of(x: Any, g: Any) -> Any:
-        return np.asarray(g, dtype=np.float64).reshape(x.shape)
-
+    if box is not None and x0.size and np.all(box[0] == box[1]):
+        x = box[0].copy()
+        return OptimizeResult(x=x, fun=value(x), jac=np.full_like(x, math.nan), nit=0,
+                              nfev=1, njev=0, status=0, success=True, message=ALL_FIXED)
+    fixed = None  # with finite differences: the variables the bounds fix (not differenced)
     if callable(jac):
 
         def fun_and_grad(x: Any) -> tuple[Any, Any]:
-            return value(x), grad_of(x, jac(x.copy(), *args))
+            return value(x), _real_gradient(jac(x.copy(), *args), x.shape)
 
     elif jac is True:
 
         def fun_and_grad(x: Any) -> tuple[Any, Any]:
+            nonlocal calls
+            calls += 1
             f, g = fun(x.copy(), *args)
-            f = np.asarray(f, dtype=np.float64)
-            if f.size != 1:
-                raise FunctionError(f"fun must return a scalar f, got shape {f.shape}")
-            return float(f.reshape(())), grad_of(x, g)
+            return _real_scalar(f), _real_gradient(g, x.shape)
 
     elif jac in (None, False) or jac in _FD_METHODS:
         central = jac in ("3-point", "cs")
+        fixed = np.zeros(x0.size, dtype=bool) if box is None else box[0] == box[1]
+        # L-BFGS-B's maxfun counts the calls of fun; the solver's counts gradients.
+        per_gradient = 1 + (2 if central else 1) * int(np.count_nonzero(~fixed))
+        limit = options.get("maxfun", LBFGSB_MAXFUN)
+        if isinstance(limit, int) and limit != sys.maxsize:
+            options["maxfun"] = max(1, limit // per_gradient)
 
         def fun_and_grad(x: Any) -> tuple[Any, Any]:
             h = eps if rel_step is None else rel_step * np.maximum(1.0, np.abs(x))
-            if box is not None:  # forward steps that would leave the box go backwards
-                h = np.where(x + h > box[1], -h, h)
             f = value(x)
-            g = approx_fprime(x, value, h)
-            if central:
-                g = 0.5 * (g + approx_fprime(x, value, -h))
-            return f, g
+            return f, _difference_gradient(value, x, f, np.broadcast_to(np.abs(h), x.shape),
+                                           box, central, fixed)
 
     else:
         raise ValueError(f"jac must be a callable, True, None, False or one of {_FD_METHODS}, "
@@ -442,8 +472,11 @@ def scipy_lbfgs(
         if "non-finite value at x0" not in str(exc):
             raise
         return OptimizeResult(x=x0, fun=math.nan, jac=np.full_like(x0, math.nan), nit=0,
-                              nfev=1, njev=1, status=2, success=False,
+                              nfev=calls, njev=1, status=2, success=False,
                               message=f"ABNORMAL: {exc}")
+    result.njev, result.nfev = result.nfev, calls
+    if fixed is not None and fixed.any():
+        result.jac = np.where(fixed, math.nan, result.jac)
     history = solver.history
     pairs = [(history.vectors[2 * slot], history.vectors[2 * slot + 1])
              for slot in history.order]
@@ -451,6 +484,80 @@ def scipy_lbfgs(
     y = np.array([p[1] for p in pairs]).reshape(len(pairs), x0.size)
     result.hess_inv = LbfgsInvHessProduct(s, y)
     return result
+
+
+def _warn_unused(constraints: Any, hess: Any, hessp: Any, return_all: Any) -> None:
+    """The ``RuntimeWarning`` that ``scipy.optimize.minimize`` gives for L-BFGS-B for each
+    argument it ignores (``constraints`` that constrain: a non-empty sequence or mapping,
+    or any other object but None)."""
+    if isinstance(constraints, (list, tuple, dict)):
+        constrained = bool(constraints)
+    else:
+        constrained = constraints is not None
+    unused = [("cannot handle constraints", constrained),
+              ("does not use Hessian information (hess)", hess is not None),
+              ("does not use Hessian-vector product information (hessp)", hessp is not None),
+              ("does not support the return_all option", bool(return_all))]
+    for what, given in unused:
+        if given:
+            warnings.warn(f"Method hpcqn.scipy_lbfgs {what}.", RuntimeWarning, stacklevel=3)
+
+
+def _real_scalar(f: Any) -> float:
+    """``fun``'s value as a float: a real scalar or size-1 array (FunctionError else)."""
+    f = np.asarray(f)
+    if f.size != 1:
+        raise FunctionError(f"fun must return a scalar (or a size-1 array), got shape "
+                            f"{f.shape}")
+    if f.dtype.kind == "c":
+        raise FunctionError(f"fun must return a real f, got dtype {f.dtype}")
+    return float(f.astype(np.float64).reshape(()))
+
+
+def _real_gradient(g: Any, shape: tuple[int, ...]) -> Any:
+    """``fun``'s gradient as a float64 array of ``shape``; a complex one is refused
+    (FunctionError naming its dtype) instead of losing its imaginary part."""
+    g = np.asarray(g)
+    if g.dtype.kind == "c":
+        raise FunctionError(f"fun's gradient (jac) must be real, got dtype {g.dtype} "
+                            f"(L-BFGS-B would drop the imaginary part)")
+    return g.astype(np.float64).reshape(shape)
+
+
+def _difference_gradient(value: Callable[[Any], float], x: Any, f0: float, h: Any,
+                         box: tuple[Any, Any] | None, central: bool, fixed: Any) -> Any:
+    """The gradient of ``value`` at ``x`` by finite differences with the positive steps
+    ``h``, taken within ``box`` as SciPy's ``approx_derivative`` takes them for L-BFGS-B:
+    forward, ``(f(x + h e_i) - f0) / h``; backward where ``x + h`` leaves the box; where
+    neither fits, a step to the farther bound. ``central``: ``(f(x + h e_i) - f(x - h e_i))
+    / 2h`` where both fit, else the one-sided rule. The step is the difference of the two
+    points as floats. The variables ``fixed`` by the box (lo == hi) are not differenced:
+    their component is 0 (the projected gradient ignores it). ``f0`` is ``f(x)``: one call
+    of ``value`` per other component (two where central)."""
+    lo, hi = box if box is not None else (np.full_like(x, -math.inf), np.full_like(x, math.inf))
+    g = np.zeros_like(x)
+    point = x.copy()
+
+    def at(i: int, xi: float) -> float:
+        point[i] = xi
+        try:
+            return value(point)
+        finally:
+            point[i] = x[i]
+
+    for i in np.flatnonzero(~fixed):
+        up, down = x[i] + h[i], x[i] - h[i]
+        if central and up <= hi[i] and down >= lo[i]:
+            g[i] = (at(i, up) - at(i, down)) / (up - down)
+            continue
+        if up <= hi[i]:
+            target = up
+        elif down >= lo[i]:
+            target = down
+        else:
+            target = hi[i] if hi[i] - x[i] >= x[i] - lo[i] else lo[i]
+        g[i] = (at(i, target) - f0) / (target - x[i])
+    return g
 
 
 def _minimize(fun: Callable[[Any], tuple[Any, Any]], x0: Any, comm: Any,
@@ -465,15 +572,18 @@ def _minimize(fun: Callable[[Any], tuple[Any, Any]], x0: Any, comm: Any,
 
 def _scipy_bounds(bounds: Any, n: int) -> tuple[Any, Any] | None:
     """SciPy-style ``bounds`` (None, a ``Bounds``, or ``(lo, hi)`` pairs with None for no
-    bound) as two float64 arrays of length ``n``, or None."""
+    bound) as two float64 arrays of length ``n``, or None; refused with
+    ``scipy.optimize.minimize``'s messages."""
     if bounds is None:
         return None
+    wrong_length = (f"The number of bounds is not compatible with the length of `x0`. "
+                    f"x0 has {n} entries.")
     if hasattr(bounds, "lb") and hasattr(bounds, "ub"):
         lo, hi = bounds.lb, bounds.ub
     else:
         pairs = list(bounds)
         if len(pairs) != n:
-            raise ValueError(f"length of x0 ({n}) != length of bounds ({len(pairs)})")
+            raise ValueError(wrong_length)
         try:
             lo = [-math.inf if p[0] is None else p[0] for p in pairs]
             hi = [math.inf if p[1] is None else p[1] for p in pairs]
@@ -484,5 +594,7 @@ def _scipy_bounds(bounds: Any, n: int) -> tuple[Any, Any] | None:
         lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), (n,))
         hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), (n,))
     except ValueError:
-        raise ValueError(f"bounds do not broadcast to x0's shape ({n},)") from None
+        raise ValueError(wrong_length) from None
+    if np.any(hi < lo):
+        raise ValueError("An upper bound is less than the corresponding lower bound.")
     return lo, hi

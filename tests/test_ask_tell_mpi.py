@@ -72,3 +72,39 @@ def test_fail_on_one_rank_raises_on_every_rank(comm):
     else:
         assert isinstance(caught, hpcqn.RemoteRankError)
         assert (caught.rank, caught.remote_type) == (comm.size - 1, "FloatingPointError")
+
+
+@pytest.mark.timeout(60)
+def test_tell_before_ask_on_one_rank_raises_on_every_rank(comm):
+    """Rank 1 (rank 0 alone) tells before it asks, at the start and again in the middle
+    of a run (a second tell for one ask): it raises its RuntimeError, every other rank
+    RemoteRankError naming it, in the same tell (nobody waits for it), and the
+    communicator stays usable."""
+    bad = 1 if comm.size > 1 else 0
+    x0 = np.zeros(50 + comm.rank)
+    scale = np.arange(1.0, x0.size + 1.0)
+
+    def fun(x):
+        return float((scale * (x - 1.0) ** 4).sum()), 4.0 * scale * (x - 1.0) ** 3
+
+    for misuse_at in (0, 5):
+        solver = hpcqn.Minimizer(x0, comm=comm, options=OPTIONS)
+        caught, told, x = None, 0, x0
+        try:
+            while not solver.done:
+                if not (comm.rank == bad and told == misuse_at):
+                    x = solver.ask()  # the misusing rank tells without asking here
+                solver.tell(*fun(x))
+                told += 1
+        except Exception as exc:  # the type is the test's subject
+            caught = exc
+        assert told == misuse_at and solver.done
+        if comm.rank == bad:
+            assert type(caught) is RuntimeError and "ask() first" in str(caught)
+        else:
+            assert isinstance(caught, hpcqn.RemoteRankError)
+            assert (caught.rank, caught.remote_type) == (bad, "RuntimeError")
+        with pytest.raises(RuntimeError, match="stopped on an error"):
+            solver.ask()
+    again = hpcqn.minimize(fun, x0, comm=comm, options={"maxiter": 2})
+    assert again.nit == 2

@@ -278,3 +278,38 @@ def test_exception_in_fun_propagates():
 
     with pytest.raises(RuntimeError, match="simulation diverged"):
         hpcqn.minimize(fun, np.ones(3))
+
+
+def test_complex_gradient_or_f_is_refused():
+    """Copied into the solver's real buffers, a complex gradient would lose its imaginary
+    part: refused with its dtype named, as a complex x0 is."""
+    with pytest.raises(hpcqn.FunctionError, match="complex gradient.*complex128"):
+        hpcqn.minimize(lambda x: (float(x @ x), (2 * x).astype(np.complex128)), np.ones(3))
+    with pytest.raises(hpcqn.FunctionError, match="real number as f.*complex"):
+        hpcqn.minimize(lambda x: (np.complex128(x @ x), 2 * x), np.ones(3))
+    with pytest.raises(TypeError, match="x0 must be a float32 or float64 array.*complex128"):
+        hpcqn.minimize(rosen, np.ones(3, dtype=np.complex128))
+
+
+@pytest.mark.parametrize("bounds", [None, (-5.0, 5.0)])
+def test_non_finite_values_under_a_raising_numpy_error_mode(bounds):
+    """The caller's np.seterr(invalid="raise", over="raise") (SciPy's differential
+    evolution tests set it) does not turn the line search's backing out of f = +inf with
+    a gradient of infinities of both signs (whose products are NaN) into a
+    FloatingPointError: the same run as in the default mode."""
+    scale = np.array([1.0, 10.0, 100.0, 1000.0])
+    visits = []
+
+    def fun(x):
+        if np.abs(x).max() > 3.0:
+            visits.append(x.copy())
+            return math.inf, np.where(np.arange(x.size) % 2, -math.inf, math.inf)
+        return float(scale @ (x - 2.5) ** 2), 2 * scale * (x - 2.5)
+
+    quiet = hpcqn.minimize(fun, np.zeros(4), options={"gtol": 1e-8}, bounds=bounds)
+    assert visits  # the line search did step into the region
+    with np.errstate(invalid="raise", over="raise"):
+        raising = hpcqn.minimize(fun, np.zeros(4), options={"gtol": 1e-8}, bounds=bounds)
+    assert raising.success and raising.nfev == quiet.nfev
+    np.testing.assert_array_equal(raising.x, quiet.x)
+    np.testing.assert_allclose(raising.x, 2.5, atol=1e-5)

@@ -5,6 +5,7 @@ on, each checked against SciPy's L-BFGS-B on the same problem."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_finite_difference_step_options():
 
 @pytest.mark.parametrize("options", [
     {"maxcor": 5}, {"disp": True}, {"disp": None}, {"iprint": -1}, {"workers": map},
-    {"return_all": True}, {"maxiter": np.inf}, {"maxfun": np.inf}, {"maxiter": 1000.5},
+    {"return_all": False}, {"maxiter": np.inf}, {"maxfun": np.inf}, {"maxiter": 1000.5},
 ])
 def test_l_bfgs_b_option_names_are_taken(options):
     res = ours(so.rosen, jac=so.rosen_der, options=options)
@@ -159,11 +160,14 @@ def test_bounds_as_scipy_takes_them(bounds, jac):
     assert res.fun == pytest.approx(ref.fun, rel=1e-7, abs=atol**2)
 
 
-def test_bad_bounds_are_refused_as_scipy_refuses_them():
-    with pytest.raises(ValueError, match="length of x0"):
-        ours(so.rosen, jac=so.rosen_der, bounds=[(0, 1)] * 4)
-    with pytest.raises(ValueError, match="lower bound exceeds upper bound"):
-        ours(so.rosen, jac=so.rosen_der, bounds=[(1, 0)] * 5)
+@pytest.mark.parametrize("bounds", [[(0, 1)] * 4, so.Bounds([0, 0], [1, 1]),
+                                    [(1, 0)] * 5, so.Bounds(np.zeros(5), [1, 1, -1, 1, 1])])
+def test_bad_bounds_are_refused_as_scipy_refuses_them(bounds):
+    """The same error and message as minimize gives for L-BFGS-B."""
+    with pytest.raises(ValueError) as expected:
+        scipys(so.rosen, jac=so.rosen_der, bounds=bounds)
+    with pytest.raises(ValueError, match=re.escape(str(expected.value))):
+        ours(so.rosen, jac=so.rosen_der, bounds=bounds)
 
 
 def test_stop_messages_are_spelled_as_scipy_1_17():
@@ -171,3 +175,149 @@ def test_stop_messages_are_spelled_as_scipy_1_17():
     assert res.message in MESSAGES
     ref = scipys(so.rosen, jac=so.rosen_der)
     assert ref.message in MESSAGES  # the set is SciPy's own spelling
+
+
+class Counted:
+    """``fun`` that records every point it is called at."""
+
+    def __init__(self, fun=so.rosen):
+        self.fun, self.points = fun, []
+
+    def __call__(self, x):
+        self.points.append(np.array(x, copy=True))
+        return self.fun(x)
+
+
+@pytest.mark.parametrize("jac, calls_per_gradient", [(None, 6), ("2-point", 6),
+                                                      ("3-point", 11)])
+def test_nfev_counts_calls_of_fun_as_l_bfgs_b(jac, calls_per_gradient):
+    """With finite differences nfev is the number of calls of fun (1 + n per forward
+    gradient, 1 + 2n central, here n = 5), njev the number of gradients, as L-BFGS-B
+    reports them; no point is evaluated twice in a row. (minimize hands a custom method
+    jac=None for "2-point" and "3-point": the central differences are reached by calling
+    scipy_lbfgs itself.)"""
+    fun = Counted()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = hpcqn.scipy_lbfgs(fun, X0, jac=jac)
+    ref_fun = Counted()
+    ref = scipys(ref_fun, jac=jac)
+    assert ref.nfev == len(ref_fun.points) == calls_per_gradient * ref.njev  # SciPy's rule
+    assert res.nfev == len(fun.points) == calls_per_gradient * res.njev
+    assert not any(np.array_equal(a, b) for a, b in zip(fun.points[:-1], fun.points[1:],
+                                                        strict=True))
+    assert res.success and ref.success
+    np.testing.assert_allclose(res.x, ref.x, atol=1e-4)
+    through_minimize = Counted()
+    res = ours(through_minimize, jac=jac)
+    assert res.nfev == len(through_minimize.points) == 6 * res.njev
+
+
+def test_nfev_counts_calls_with_an_analytic_gradient():
+    fun = Counted()
+    res = ours(fun, jac=so.rosen_der)
+    assert res.nfev == res.njev == len(fun.points)
+
+
+@pytest.mark.parametrize("jac", [None, "3-point"])
+def test_finite_differences_stay_in_the_box(jac):
+    """Variables fixed by lo == hi are not differenced (their jac entry is NaN, as
+    minimize reports it for L-BFGS-B), the others are differenced inside the box (a
+    narrow one too); fun is never called outside it. L-BFGS-B's minimiser. (Called
+    directly: minimize would hand it jac=None for "3-point".)"""
+    lo = np.array([0.3, 2.0, 1.0, -1.0, 1.2])
+    hi = np.array([0.3, 2.0 + 1e-9, 1.5, -1.0, 1.7])
+    x0 = np.array([0.3, 2.0, 1.5, -1.0, 1.7])  # at upper bounds
+    fun = Counted()
+    res = hpcqn.scipy_lbfgs(fun, x0, jac=jac, bounds=so.Bounds(lo, hi))
+    points = np.array(fun.points)
+    assert np.all(points >= lo) and np.all(points <= hi)
+    ref = scipys(so.rosen, x0=x0, jac=jac, bounds=so.Bounds(lo, hi))
+    assert res.success and ref.success
+    np.testing.assert_allclose(res.x, ref.x, atol=1e-4)
+    fixed = lo == hi
+    assert np.isnan(res.jac[fixed]).all() and np.isnan(ref.jac[fixed]).all()
+    np.testing.assert_allclose(res.jac[~fixed], ref.jac[~fixed], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("jac", [None, so.rosen_der])
+def test_every_variable_fixed_gives_minimizes_result(jac):
+    bounds = [(1.0, 1.0), (2.0, 2.0), (0.5, 0.5)]
+    fun = Counted()
+    res = ours(fun, x0=np.zeros(3), jac=jac, bounds=bounds)
+    ref = scipys(so.rosen, x0=np.zeros(3), jac=jac, bounds=bounds)
+    for name in ("success", "message", "nfev", "njev", "fun"):
+        assert res[name] == ref[name], name
+    np.testing.assert_array_equal(res.x, ref.x)
+    assert len(fun.points) == 1
+
+
+@pytest.mark.parametrize("options", [{"maxiter": 0}, {"maxiter": -3}, {"maxfun": 0}])
+def test_zero_limits_as_l_bfgs_b(options):
+    """L-BFGS-B tests the limits after each iteration: maxiter 0 stops after one, with
+    status 1; maxfun 0 stops with status 1 too."""
+    res = ours(so.rosen, jac=so.rosen_der, options=options)
+    ref = scipys(so.rosen, jac=so.rosen_der, options=options)
+    assert (res.status, res.success, res.message) == (ref.status, ref.success, ref.message)
+    if "maxiter" in options:
+        assert res.nit == ref.nit == 1
+
+
+def test_maxfun_counts_calls_of_fun_with_finite_differences():
+    """L-BFGS-B's maxfun limits the calls of fun, the differences' included."""
+    fun = Counted()
+    res = ours(fun, options={"maxfun": 40})
+    ref = scipys(so.rosen, options={"maxfun": 40})
+    assert res.status == ref.status == 1 and "EVALUATIONS" in ref.message
+    assert res.message == ref.message
+    assert res.nfev == len(fun.points) <= 40
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("constraints", {"type": "ineq", "fun": lambda x: x[0]}, "cannot handle constraints"),
+    ("constraints", so.NonlinearConstraint(lambda x: x[0], 0, 1), "cannot handle constraints"),
+    ("hess", so.rosen_hess, r"does not use Hessian information \(hess\)"),
+    ("hessp", lambda x, p: so.rosen_hess(x) @ p, r"Hessian-vector product information"),
+])
+def test_what_l_bfgs_b_ignores_is_ignored_with_its_warning(argument, value, message):
+    """minimize warns (RuntimeWarning) and goes on without it, for L-BFGS-B as for us."""
+    with pytest.warns(RuntimeWarning, match=message):
+        ref = scipys(so.rosen, jac=so.rosen_der, **{argument: value})
+    with pytest.warns(RuntimeWarning, match=message):
+        res = so.minimize(so.rosen, X0, jac=so.rosen_der, method=hpcqn.scipy_lbfgs,
+                          **{argument: value})
+    plain = ours(so.rosen, jac=so.rosen_der)
+    np.testing.assert_array_equal(res.x, plain.x)
+    np.testing.assert_allclose(res.x, ref.x, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Unknown solver options")  # SciPy's second warning
+def test_return_all_is_ignored_with_l_bfgs_bs_warning():
+    with pytest.warns(RuntimeWarning, match="does not support the return_all option"):
+        scipys(so.rosen, jac=so.rosen_der, options={"return_all": True})
+    with pytest.warns(RuntimeWarning, match="does not support the return_all option"):
+        res = so.minimize(so.rosen, X0, jac=so.rosen_der, method=hpcqn.scipy_lbfgs,
+                          options={"return_all": True})
+    assert res.success
+
+
+@pytest.mark.parametrize("jac", ["callable", True])
+def test_a_complex_gradient_is_refused(jac):
+    """L-BFGS-B drops its imaginary part with a ComplexWarning; we refuse it (the loss is
+    silent once the warning is filtered), naming the dtype."""
+    def grad(x):
+        return so.rosen_der(x) + 1e-3j
+
+    with pytest.warns(np.exceptions.ComplexWarning):
+        scipys(so.rosen, jac=grad)
+    kwargs = ({"fun": so.rosen, "jac": grad} if jac == "callable"
+              else {"fun": lambda x: (so.rosen(x), grad(x)), "jac": True})
+    with pytest.raises(hpcqn.FunctionError, match="gradient.*real.*complex128"):
+        so.minimize(x0=X0, method=hpcqn.scipy_lbfgs, **kwargs)
+
+
+def test_a_complex_x0_or_f_is_refused():
+    with pytest.raises(TypeError, match="x0 must be real.*complex128"):
+        ours(so.rosen, x0=X0 + 0j, jac=so.rosen_der)
+    with pytest.raises(hpcqn.FunctionError, match="real f.*complex128"):
+        ours(lambda x: so.rosen(x) + 0j, jac=so.rosen_der)

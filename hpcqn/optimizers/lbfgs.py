@@ -143,6 +143,13 @@ class LBFGS:
                 f"fun returned a gradient of shape {getattr(g, 'shape', type(g).__name__)} "
                 f"for x of shape {x.shape}"
             )
+        # Copying a complex gradient (or f) into the real buffers would drop the imaginary
+        # part with no more than a warning.
+        if getattr(getattr(g, "dtype", None), "kind", None) == "c":
+            raise FunctionError(f"fun returned a complex gradient (dtype {g.dtype}); the "
+                                f"objective and its gradient must be real")
+        if isinstance(f, complex) or getattr(getattr(f, "dtype", None), "kind", None) == "c":
+            raise FunctionError(f"fun must return a real number as f, got the complex {f!r}")
         try:
             f = float(f)
         except (TypeError, ValueError) as exc:
@@ -222,19 +229,22 @@ class LBFGS:
         told = yield x
         f, ginf, gd, gg, error = math.nan, math.nan, 0.0, 0.0, None
         try:
-            f = self._take(told, x, g_out)
-            if self.box is not None:
-                ginf = self.box.projected_gradient_inf(x, g_out)
-            else:
-                ginf = float(abs(g_out).max()) if g_out.size else 0.0  # NaN if g has a NaN
-            if g_out.size:
-                gd = self.history.dot(g_out, d) if d is not None else 0.0
-                if with_gg:
-                    if self.box is not None:
-                        gg = self.history.gradient_part(self.box.free_gradient(x, g_out,
-                                                                              self._gf))
-                    else:
-                        gg = self.history.gradient_part(g_out)
+            # A non-finite f or g is an answer the line search backs out of; the caller's
+            # NumPy error mode (np.seterr(invalid="raise")) must not make it an error here.
+            with np.errstate(invalid="ignore", over="ignore"):
+                f = self._take(told, x, g_out)
+                if self.box is not None:
+                    ginf = self.box.projected_gradient_inf(x, g_out)
+                else:
+                    ginf = float(abs(g_out).max()) if g_out.size else 0.0  # NaN if g has one
+                if g_out.size:
+                    gd = self.history.dot(g_out, d) if d is not None else 0.0
+                    if with_gg:
+                        if self.box is not None:
+                            gg = self.history.gradient_part(self.box.free_gradient(x, g_out,
+                                                                                  self._gf))
+                        else:
+                            gg = self.history.gradient_part(g_out)
         except BaseException as exc:  # KeyboardInterrupt too: every rank learns of it below
             error = exc
         bounded = self.box is not None and self.box.bounds_something
@@ -312,10 +322,11 @@ class LBFGS:
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue bitwise from the last
         accepted point (also when asked during a line search): this rank's x, g and
-        history rows, the Gram matrix, the values and counters."""
+        history rows, the Gram matrix, the values and counters. A snapshot: copies, not
+        the solver's buffers (which later iterations overwrite)."""
         nfev, nreductions = self._at_step
-        return {"x": self.x, "g": self.g, "f": self.f, "ginf": self.ginf, "gg": self.gg,
-                "g0norm": self.g0norm, "nit": self.nit, "nreset": self.nreset,
+        return {"x": self.x.copy(), "g": self.g.copy(), "f": self.f, "ginf": self.ginf,
+                "gg": self.gg, "g0norm": self.g0norm, "nit": self.nit, "nreset": self.nreset,
                 "nskipped": self.nskipped, "nfev": nfev, "nreductions": nreductions,
                 "nactive": self.nactive, "trace": [list(t) for t in self.trace],
                 "history": self.history.state_dict()}
