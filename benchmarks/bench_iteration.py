@@ -45,7 +45,7 @@ def seconds_per_iteration(method: str, model_name: str, data: dict, iterations: 
         xb, yb = x_all[start:start + BATCH], y_all[start:start + BATCH]
         begin = time.perf_counter()
         opt.zero_grad()
-        loss = loss_of(model, xb, yb, False)
+        loss = loss_of(model, xb, yb, "classify")
         loss.backward()
         opt.step(loss=loss) if method == "mkor_h" else opt.step()
         times.append(time.perf_counter() - begin)

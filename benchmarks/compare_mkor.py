@@ -203,7 +203,7 @@ def run(variant: Variant | None, lr: float, seed: int, epochs: int, batch: int =
         for rows, weight in batches:
             idx = torch.as_tensor(rows)
             opt.zero_grad()
-            loss = loss_of(model, data["train_x"][idx], data["train_y"][idx], False) * weight
+            loss = loss_of(model, data["train_x"][idx], data["train_y"][idx], "classify") * weight
             if not torch.isfinite(loss):
                 return math.inf
             loss.backward()

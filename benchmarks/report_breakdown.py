@@ -99,6 +99,7 @@ def measure(model_name: str, job_file: str, hidden: int, method: str, comm: Any,
 
     from hpcqn.experiments.training import (
         SELF_AVERAGING,
+        TASKS,
         digits,
         loss_of,
         make_model,
@@ -114,7 +115,7 @@ def measure(model_name: str, job_file: str, hidden: int, method: str, comm: Any,
     if own:
         optimizer.timer = timer
     batches = GlobalBatches(data["train_y"].numel(), BATCH, comm, seed=0)
-    reconstruct = model_name == "autoencoder"
+    task = TASKS[model_name]
 
     def stream() -> Iterator[tuple[Any, float]]:
         epoch = 0
@@ -133,7 +134,7 @@ def measure(model_name: str, job_file: str, hidden: int, method: str, comm: Any,
         start = clock()
         optimizer.zero_grad()
         loss = loss_of(model, data["train_x"][index], data["train_y"][index],
-                       reconstruct) * weight
+                       task) * weight
         loss.backward()
         value = loss.item()
         backward_done = clock()

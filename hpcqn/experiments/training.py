@@ -1,8 +1,10 @@
-"""Training jobs for torch models on scikit-learn's digits: an MLP or a small CNN
-(classification) or an autoencoder (reconstruction), trained data-parallel with mL-BFGS
-(:class:`hpcqn.torch.MLBFGS`), MKOR / MKOR-H (:class:`hpcqn.torch.MKOR`), K-FAC
-(:class:`hpcqn.torch.KFAC`) (these average gradients themselves) or torch's SGD/Adam with
-:func:`average_gradients`, from the same initial model on the same batches."""
+"""Training jobs for torch models: on scikit-learn's digits an MLP or a small CNN
+(classification) or an autoencoder (reconstruction); on Python's standard-library source
+a character-level transformer language model (:mod:`hpcqn.experiments.charlm`), each
+trained data-parallel with mL-BFGS (:class:`hpcqn.torch.MLBFGS`), MKOR / MKOR-H
+(:class:`hpcqn.torch.MKOR`), K-FAC (:class:`hpcqn.torch.KFAC`) (these average gradients
+themselves) or torch's SGD/Adam/AdamW or LAMB with :func:`average_gradients`, from the
+same initial model on the same batches."""
 
 from __future__ import annotations
 
@@ -25,7 +27,14 @@ from ..signals import StopFlag
 from ..torch import methods
 from ..torch.data import GlobalBatches, average_gradients, broadcast_parameters
 
-MODELS = ("mlp", "cnn", "autoencoder")
+MODELS = ("mlp", "cnn", "autoencoder", "charlm")
+# What each model learns: its loss and its test metric (loss_of, evaluate)
+TASKS = {"mlp": "classify", "cnn": "classify", "autoencoder": "reconstruct",
+         "charlm": "language"}
+# The language model's windows of characters, and the training windows its train loss
+# is measured on each epoch (the first ones: the whole set would cost an epoch's forward)
+CONTEXT = 64
+TRAIN_LOSS_WINDOWS = 1024
 DEVICES = ("cpu", "cuda", "auto")
 METHODS = methods.METHODS
 # These average (or reduce-scatter) the gradients inside their step.
@@ -46,12 +55,28 @@ def digits(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch
             "test_x": images[test], "test_y": labels[test]}
 
 
+def load_data(model_name: str, seed: int = 0, dtype: torch.dtype = torch.float32
+              ) -> dict[str, torch.Tensor]:
+    """The data set of a model: :func:`digits` (split by ``seed``), or for ``charlm`` the
+    character windows of :func:`hpcqn.experiments.charlm.text_windows` (codes, int64)."""
+    if model_name == "charlm":
+        from .charlm import text_windows
+
+        return text_windows(CONTEXT)
+    return digits(seed, dtype)
+
+
 def make_model(name: str, hidden: int = 128, seed: int = 0,
                dtype: torch.dtype = torch.float32) -> nn.Module:
     """``mlp``: 64 -> hidden -> hidden -> 10 (ReLU); ``cnn``: two 3x3 convolutions (16,
     32 channels) and a linear classifier; ``autoencoder``: 64 -> hidden -> 16 -> hidden
-    -> 64 (tanh, sigmoid output)."""
+    -> 64 (tanh, sigmoid output); ``charlm``: the character transformer of
+    :mod:`hpcqn.experiments.charlm`, ``hidden`` wide, two blocks of four heads."""
     torch.manual_seed(seed)
+    if name == "charlm":
+        from .charlm import CharTransformer
+
+        return CharTransformer(width=hidden, layers=2, heads=4, context=CONTEXT).to(dtype)
     if name == "mlp":
         model = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
                               nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
@@ -68,25 +93,34 @@ def make_model(name: str, hidden: int = 128, seed: int = 0,
     return model.to(dtype)
 
 
-def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reconstruct: bool) -> Any:
-    """Cross-entropy for the classifiers; mean squared reconstruction error (of the
-    flattened images) for the autoencoder."""
-    if reconstruct:
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> Any:
+    """The mean loss of a :data:`TASKS` task: cross-entropy for ``"classify"``, mean
+    squared reconstruction error (of the flattened images) for ``"reconstruct"``, mean
+    cross-entropy over every predicted character for ``"language"``."""
+    if task == "reconstruct":
         return nn.functional.mse_loss(model(x), x.reshape(x.shape[0], -1))
+    if task == "language":
+        logits = model(x)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           y.reshape(-1))
     return nn.functional.cross_entropy(model(x), y)
 
 
 def evaluate(model: nn.Module, data: dict[str, torch.Tensor],
-             reconstruct: bool = False) -> dict[str, float]:
-    """Mean training loss and the test metric (accuracy; for the autoencoder, test loss)
-    over the whole sets."""
+             task: str = "classify") -> dict[str, float]:
+    """Mean training loss and the test metrics: accuracy for ``"classify"``, the test
+    loss for ``"reconstruct"``, the held-out loss (nats per character) and next-character
+    accuracy for ``"language"``, whose training loss is over the first
+    :data:`TRAIN_LOSS_WINDOWS` windows. Over the whole sets otherwise."""
     with torch.no_grad():
-        result = {"train_loss": float(loss_of(model, data["train_x"], data["train_y"],
-                                              reconstruct))}
-        if reconstruct:
-            result["test_loss"] = float(loss_of(model, data["test_x"], data["test_y"], True))
-        else:
-            predicted = model(data["test_x"]).argmax(dim=1)
+        n = TRAIN_LOSS_WINDOWS if task == "language" else None
+        result = {"train_loss": float(loss_of(model, data["train_x"][:n],
+                                              data["train_y"][:n], task))}
+        if task in ("reconstruct", "language"):
+            result["test_loss"] = float(loss_of(model, data["test_x"], data["test_y"], task))
+        if task in ("classify", "language"):
+            logits = model(data["test_x"])
+            predicted = logits.argmax(dim=-1)
             result["test_accuracy"] = float((predicted == data["test_y"]).double().mean())
     return result
 
@@ -162,7 +196,7 @@ def train(
               "epochs": int(epochs), "batch_size": int(batch_size), "seed": int(seed),
               "dtype": str(dtype), "lr_schedule": lr_schedule, "hidden": int(hidden)}
     where = select_device(device, comm)
-    data = {key: value.to(where) for key, value in digits(seed, dtype).items()}
+    data = {key: value.to(where) for key, value in load_data(model_name, seed, dtype).items()}
     model = make_model(model_name, hidden, seed, dtype).to(where)
     if where.type != "cpu" and comm.rank == 0 and log:
         print(f"{method:7s} on {where} (rank 0; each rank uses its own local device)",
@@ -202,7 +236,7 @@ def train(
 
     if metrics_path is not None and comm.rank == 0:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    reconstruct = model_name == "autoencoder"
+    task = TASKS[model_name]
     preempted = False
     for epoch in range(first_epoch, epochs):
         batches.set_epoch(epoch)
@@ -211,7 +245,7 @@ def train(
             index = torch.as_tensor(rows, device=where)
             optimizer.zero_grad()
             loss = loss_of(model, data["train_x"][index], data["train_y"][index],
-                           reconstruct) * weight
+                           task) * weight
             loss.backward()
             if method not in SELF_AVERAGING:
                 average_gradients(model.parameters(), comm)
@@ -232,14 +266,14 @@ def train(
         if scheduler is not None:
             scheduler.step()
         seconds += time.perf_counter() - started
-        record = {"method": method, "epoch": epoch + 1, **evaluate(model, data, reconstruct),
+        record = {"method": method, "epoch": epoch + 1, **evaluate(model, data, task),
                   "seconds": seconds, "steps": step}
         if method == "mkor_h":
             record["switched_at_step"] = optimizer.switch.switched_at
         records.append(record)
         if comm.rank == 0:
             if log:
-                metric = (f"test loss {record['test_loss']:.5f}" if reconstruct
+                metric = (f"test loss {record['test_loss']:.5f}" if "test_loss" in record
                           else f"test accuracy {record['test_accuracy']:.4f}")
                 print(f"{method:7s} epoch {epoch + 1:3d}: train loss {record['train_loss']:.5f}"
                       f"  {metric}  {seconds:7.2f} s", flush=True)

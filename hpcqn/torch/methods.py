@@ -1,9 +1,10 @@
 """The torch optimizers by name, for the training front ends (the job files' ``[methods]``
 tables): ``"mlbfgs"`` (:class:`hpcqn.torch.MLBFGS`), ``"mkor"`` and ``"mkor_h"``
 (:class:`hpcqn.torch.MKOR`, the latter with ``hybrid=True``), ``"kfac"``
-(:class:`hpcqn.torch.KFAC`), and ``torch.optim.SGD`` / ``torch.optim.Adam`` as
-``"sgd"`` / ``"adam"``. Options come from the classes' declarations
-(:mod:`hpcqn.options`); those of torch's SGD and Adam that a job file may set are
+(:class:`hpcqn.torch.KFAC`), ``torch.optim.SGD`` / ``torch.optim.Adam`` /
+``torch.optim.AdamW`` as ``"sgd"`` / ``"adam"`` / ``"adamw"``, and
+:class:`hpcqn.torch.LAMB` as ``"lamb"``. Options come from the classes' declarations
+(:mod:`hpcqn.options`); those of the first-order optimizers that a job file may set are
 declared here."""
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from torch import nn
 from .. import options as _options
 from ..options import Option, OptionError, Rule, Spec
 from .kfac import KFAC
+from .lamb import LAMB
 from .mkor import MKOR
 from .mlbfgs import MLBFGS
 
 __all__ = ["METHODS", "TORCH_RULES", "make", "options_of"]
 
-METHODS = ("mlbfgs", "mkor", "mkor_h", "kfac", "sgd", "adam")
+METHODS = ("mlbfgs", "mkor", "mkor_h", "kfac", "sgd", "adam", "adamw", "lamb")
 
 _UNIT = Rule("float", low=0.0, high=1.0, open_high=True)
 # The options of torch.optim.SGD and torch.optim.Adam that a job file can set (their
@@ -38,7 +40,11 @@ TORCH_RULES: dict[str, dict[str, Rule]] = {
              "weight_decay": Rule("float", low=0.0), "amsgrad": Rule("bool"),
              "maximize": Rule("bool")},
 }
-_TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+TORCH_RULES["adamw"] = TORCH_RULES["adam"]  # the same options; weight_decay defaults to 0.01
+TORCH_RULES["lamb"] = {name: TORCH_RULES["adam"][name]
+                       for name in ("lr", "betas", "eps", "weight_decay")}
+_TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+          "lamb": LAMB}
 _CLASSES: dict[str, type] = {"mlbfgs": MLBFGS, "mkor": MKOR, "mkor_h": MKOR, "kfac": KFAC}
 # Set by the method's name, not by a job file.
 _FIXED = {"mkor": {"hybrid": False}, "mkor_h": {"hybrid": True}}
@@ -73,7 +79,8 @@ def make(method: str, model: nn.Module, comm: Any, options: Mapping[str, Any],
     """The optimizer ``method`` for ``model`` over ``comm`` with ``options`` (checked:
     an unknown method or option, or a bad value, raises :class:`OptionError` naming it;
     ``betas`` becomes a tuple). ``"sgd"``/``"adam"`` get ``model.parameters()`` (``comm``
-    unused: average the gradients yourself, :func:`hpcqn.torch.average_gradients`)."""
+    unused: average the gradients yourself, :func:`hpcqn.torch.average_gradients`); so do
+    ``"adamw"`` and ``"lamb"``."""
     _known(method, where)
     values = _options.check(options_of(method), options, where or f"method {method!r}")
     if method in _TORCH:
