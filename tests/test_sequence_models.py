@@ -37,6 +37,8 @@ class TokenMLP(nn.Module):
 
 
 def build(kind, model, comm=SERIAL, **options):
+    if kind == "mlbfgs":
+        return ht.MLBFGS(model.parameters(), comm, lr=0.1, **options)
     if kind == "kfac":
         return ht.KFAC(model, comm, lr=0.1, inv_freq=2, **options)
     return ht.MKOR(model, comm, lr=0.1, factor_freq=2, hybrid=kind == "mkor_h",
@@ -199,7 +201,7 @@ def test_describe_is_printed_by_rank_zero_with_verbose(capsys):
     assert capsys.readouterr().out.strip() == opt.describe()
 
 
-@pytest.mark.parametrize("kind", ["mkor", "kfac"])
+@pytest.mark.parametrize("kind", ["mkor", "kfac", "mlbfgs"])
 def test_a_diverged_run_is_reported_then_raises_when_asked(kind):
     """Every step skipped (an infinite learning rate makes the parameters overflow, then
     the gradients): a warning names the count and the learning rate after
@@ -214,7 +216,7 @@ def test_a_diverged_run_is_reported_then_raises_when_asked(kind):
             nn.functional.cross_entropy(model(x), y).backward()
             for p in model.parameters():
                 p.grad.fill_(math.nan)  # a diverged gradient on every step
-            opt.step(loss=torch.tensor(1.0))
+            opt.step(**({} if kind == "mlbfgs" else {"loss": torch.tensor(1.0)}))
 
     model = nn.Sequential(nn.Linear(6, 5)).double()
     opt = build(kind, model, divergence_steps=3)

@@ -129,3 +129,22 @@ def test_a_different_first_order_option_is_named(comm):
     momentum = 0.5 if comm.rank == comm.size - 1 else 0.9
     with pytest.raises(ValueError, match="optimizer_options differs between ranks"):
         ht.KFAC(make_model(), comm, optimizer_options={"momentum": momentum})
+
+
+@pytest.mark.timeout(60)
+def test_average_gradients_of_different_models_raises_on_every_rank(comm):
+    """Before: MPICH's "Message truncated" abort with its error stack. Now a ValueError on
+    every rank naming the first parameter that differs."""
+    if comm.size == 1:
+        pytest.skip("needs two ranks to differ")
+    model = make_model(hidden=12 if comm.rank == comm.size - 1 else 16)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="average_gradients: parameter 0 shape differs") as info:
+        ht.average_gradients(model.parameters(), comm)
+    assert expected_ranks(comm, "(16, 8)", "(12, 8)") in str(info.value)
+    same = make_model()  # then a list that agrees averages as before
+    for p in same.parameters():
+        p.grad = torch.full_like(p, float(comm.rank))
+    assert ht.average_gradients(same.parameters(), comm)
+    assert float(next(same.parameters()).grad[0, 0]) == (comm.size - 1) / 2

@@ -194,13 +194,32 @@ def check_same_parameters(params: Iterable[torch.Tensor], comm: Any = None,
           what, checksum)
 
 
+# The parameter lists whose shapes the ranks agreed on, by communicator
+_AGREED_SHAPES: dict[int, set[tuple[Any, ...]]] = {}
+
+
+def _agree_on_shapes(c: Communicator, params: Sequence[torch.Tensor]) -> None:
+    """Before the first allreduce of a list of parameters: every rank must hold the same
+    count, shapes and dtypes (else one allreduce of mismatched sizes ends in the MPI
+    library's abort). One small reduction per list, the first time; a ``ValueError`` on
+    every rank naming the first difference."""
+    key = tuple((id(p), tuple(p.shape), p.dtype) for p in params)
+    seen = _AGREED_SHAPES.setdefault(id(c), set())
+    if key in seen:
+        return
+    agree(c, {"model": model_description(params)}, "hpcqn.torch.average_gradients")
+    seen.add(key)
+
+
 @torch.no_grad()
 def average_gradients(params: Iterable[torch.Tensor], comm: Any = None) -> bool:
     """Average ``.grad`` over ranks in ONE allreduce (all gradients flattened together,
     with a presence flag per parameter): call it between ``backward()`` and a torch
     optimizer's ``step()`` to train it data-parallel. A parameter without a gradient on
     some ranks counts as zero there and gets the average wherever any rank had one; one
-    without a gradient on every rank keeps ``.grad = None``.
+    without a gradient on every rank keeps ``.grad = None``. The first call for a list of
+    parameters checks that every rank's have the same count, shapes and dtypes (a
+    ``ValueError`` on every rank naming the first difference).
 
     Returns whether the averaged gradients are all finite: the same answer on every rank
     (a NaN or Inf on any rank makes the sum non-finite on every rank), so a caller can
@@ -209,6 +228,8 @@ def average_gradients(params: Iterable[torch.Tensor], comm: Any = None) -> bool:
     params = [p for p in params if p.requires_grad]
     if not params:
         return True
+    if c.size > 1:
+        _agree_on_shapes(c, params)
     if c.size == 1:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:

@@ -57,7 +57,12 @@ from ..optimizers.mlbfgs import MLBFGS as CoreMLBFGS
 from ..options import Rule
 from ..timing import PhaseTimer
 from . import conventions
-from .data import check_finite_parameters, check_same_parameters, model_description
+from .data import (
+    DivergenceWatch,
+    check_finite_parameters,
+    check_same_parameters,
+    model_description,
+)
 
 # What the bridge forwards to the core: every core option but these (lr and weight_decay
 # are the bridge's own, in param_groups; the step is always the replicated one).
@@ -117,12 +122,19 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
     so dynamo is disabled for it). docs/torch_known_differences.md lists them all.
 
     Every rank must build the same model and call ``step()`` once per step with its own
-    minibatch gradient; the step averages the gradients over ranks.
+    minibatch gradient; the step averages the gradients over ranks (gradients a
+    ``DistributedDataParallel`` model averaged already come out the same: wrapping the
+    model is correct, but adds DDP's allreduce to the step's reduce-scatter).
+    ``divergence_steps`` and ``divergence``: after that many consecutive steps skipped for
+    non-finite gradients rank 0 warns (``"warn"``) or every rank raises
+    :class:`hpcqn.torch.data.DivergenceError` (``"raise"``).
     """
 
     OPTION_RULES = {"lr": Rule("float", low=0.0, open_low=True),
                     "weight_decay": Rule("float", low=0.0),
-                    "max_block_size": Rule("int", low=1, none=True)}
+                    "max_block_size": Rule("int", low=1, none=True),
+                    "divergence_steps": Rule("int", low=1),
+                    "divergence": Rule("str", choices=DivergenceWatch.ACTIONS)}
     NOT_OPTIONS = ("params", "comm", "blocks", "mode")
     OPTIONS_FROM = CoreMLBFGS
 
@@ -135,6 +147,8 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
         lr: float = 0.1,
         weight_decay: float = 0.0,
         max_block_size: int | None = None,
+        divergence_steps: int = 10,
+        divergence: str = "warn",
         **core_options: Any,
     ):
         given = options.validate(self, {**locals(), "lr": conventions.learning_rate(lr, WHAT)})
@@ -145,6 +159,8 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
             raise ValueError(ONE_GROUP)
         self.comm: Communicator = get_comm(comm)
         self.max_block_size = max_block_size
+        self.divergence_steps, self.divergence = int(divergence_steps), divergence
+        self.watch = DivergenceWatch(divergence_steps, divergence, WHAT)
         # Each parameter once (torch warns of a repeated one and keeps it), in order. One
         # that does not require a gradient takes no place and never moves, as in torch.
         group = self.param_groups[0]["params"]
@@ -330,7 +346,11 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
             p.grad = grads[id(p)]  # its zero slice (the next backward accumulates into it)
         if not taken:  # skipped on every rank
             check_finite_parameters([("", p) for p in self._params], self.comm, WHAT)
+            self.watch.observe(True, self.comm.rank, self.core.step_count,
+                               self.param_groups[0]["lr"])
             return loss
+        self.watch.observe(False, self.comm.rank, self.core.step_count,
+                           self.param_groups[0]["lr"])
         moved = {id(p) for p in frozen}
         for p in self._params:
             if id(p) not in moved:
