@@ -12,8 +12,8 @@ from .minimize import Minimizer, minimize, scipy_lbfgs
 from .optimizers.first_order import SGD, Adam
 from .optimizers.lbfgs import FunctionError
 from .optimizers.mlbfgs import MLBFGS
-from .transport import LaunchError
 from .stochastic import minimize_stochastic
+from .transport import LaunchError
 
 __version__ = "0.1.0"
 
