@@ -168,3 +168,32 @@ def test_the_abort_can_be_turned_off():
     off, _ = run("mpiexec", 2, "-c", script, env={"HPCQN_ABORT_ON_FAILURE": "0"}, timeout=60)
     assert on.stdout.strip() == "2 False hpcqn.comm", on.stdout + on.stderr
     assert off.stdout.strip() == "2 True sys", off.stdout + off.stderr
+
+
+FSDP = """
+import torch, torch.distributed as dist, torch.nn as nn, hpcqn.torch as ht
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+dist.init_process_group("gloo")
+for name in ("FullyShardedDataParallel", "fully_shard"):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    if name == "fully_shard":
+        fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    else:
+        model = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+    for make in (ht.MKOR, ht.KFAC):
+        try:
+            make(model)
+        except TypeError as exc:
+            print(dist.get_rank(), name, make.__name__, "refused:", exc, flush=True)
+"""
+
+
+def test_an_fsdp_model_is_refused_on_every_rank():
+    """FSDP (both of torch's: the wrapper class and fully_shard) shards each layer's
+    weight across ranks; MKOR and K-FAC refuse it with a TypeError naming DDP instead."""
+    out, _ = run("torchrun", 2, "--no-python", sys.executable, "-c", FSDP, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    refused = [line for line in out.stdout.splitlines() if "refused: an FSDP-sharded model" in
+               line and "DistributedDataParallel" in line]
+    assert len(refused) == 8, out.stdout
