@@ -1,32 +1,48 @@
 #!/usr/bin/env bash
-# The whole test suite, as the README and CI run it:
-#   serial tests, the MPI tests under mpiexec -n 1, 2 and 3, and ruff.
-# Each mpiexec run has a wall-clock limit, and every test a pytest-timeout limit,
-# so a hung collective fails the run instead of stalling it.
-set -euo pipefail
+# The whole test suite, as the README and CI run it: the serial tests, the MPI tests
+# under mpiexec -n 1, 2 and 3, the torch.distributed tests under torchrun on 2 and 3
+# processes, and ruff. Each launch has a wall-clock limit and every test a
+# pytest-timeout limit, so a hung collective fails the run instead of stalling it. Each
+# launch prints one summary (tests/ranks.py); every rank's log is kept in $HPCQN_TEST_LOGS.
+#
+#   bash tests/run_all.sh            # everything (CI)
+#   bash tests/run_all.sh --quick    # without the tests marked slow
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # One thread per rank: several ranks share the cores.
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+LOGS="${HPCQN_TEST_LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/hpcqn-tests.XXXXXX")}"
+SELECT="not gpu"
+if [[ "${1:-}" == "--quick" ]]; then
+    SELECT="not gpu and not slow"
+fi
+status=0
+start=$SECONDS
 
-python -m pytest -m "not mpi and not gpu" -q
+python -m pytest -m "not mpi and ${SELECT}" -q || status=1
 
 for ranks in 1 2 3; do
-    echo "== MPI tests on ${ranks} rank(s)"
-    timeout --kill-after=30 900 mpiexec -n "${ranks}" \
-        python -m pytest --with-mpi -m mpi -q -p no:cacheprovider
+    dir="${LOGS}/mpi-${ranks}"
+    timeout --kill-after=30 900 mpiexec -n "${ranks}" python tests/ranks.py run "${dir}" -- \
+        --with-mpi -m "mpi and ${SELECT}" -q -p no:cacheprovider
+    python tests/ranks.py summary "${dir}" "MPI tests on ${ranks} rank(s)" || status=1
 done
 
-# The same MPI-marked tests of hpcqn.torch over torch.distributed (gloo), as torchrun
-# launches them (tests that use mpi4py of their own stay with mpiexec).
-TORCHRUN_TESTS="tests/test_comm.py tests/test_torch_mpi.py tests/test_torch_agreement_mpi.py
-  tests/test_mkor_mpi.py tests/test_kfac_mpi.py tests/test_nonfinite_mpi.py
-  tests/test_sequence_models_mpi.py"
+# The MPI-marked tests of hpcqn.torch over torch.distributed (gloo), as torchrun launches
+# them (the tests that use mpi4py of their own stay with mpiexec).
+TORCHRUN_TESTS=(tests/test_comm.py tests/test_torch_mpi.py tests/test_torch_agreement_mpi.py
+                tests/test_mkor_mpi.py tests/test_kfac_mpi.py tests/test_nonfinite_mpi.py
+                tests/test_sequence_models_mpi.py)
 for ranks in 2 3; do
-    echo "== torch.distributed tests on ${ranks} process(es) (torchrun, gloo)"
-    # shellcheck disable=SC2086
+    dir="${LOGS}/torchrun-${ranks}"
     timeout --kill-after=30 600 torchrun --standalone --nproc_per_node "${ranks}" \
-        -m pytest --with-mpi -m mpi -q -p no:cacheprovider ${TORCHRUN_TESTS}
+        tests/ranks.py run "${dir}" -- --with-mpi -m "mpi and ${SELECT}" -q \
+        -p no:cacheprovider "${TORCHRUN_TESTS[@]}" > "${LOGS}/torchrun-${ranks}.launcher.log" 2>&1
+    python tests/ranks.py summary "${dir}" \
+        "torch.distributed tests on ${ranks} process(es)" || status=1
 done
 
-ruff check .
+ruff check . || status=1
+echo "== $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s; every rank's log: ${LOGS}"
+exit "${status}"
