@@ -607,16 +607,16 @@ def world() -> Communicator:
     it has."""
     global _WORLD
     group = None if mpi_launch() else torch_default_group()
+    MPI = _mpi()
+    if group is None and MPI is None:  # no mpi4py (or HPCQN_NO_MPI=1): this process alone
+        made = Communicator(None)
+        check_launch(made.size, "serial (no mpi4py)")
+        return made
     if _WORLD is not None and (group is None or _torch_group(_WORLD) is group):
         return _WORLD
     if group is not None:
         made = _torch_comm(group)
     else:
-        MPI = _mpi()
-        if MPI is None:
-            made = Communicator(None)
-            check_launch(made.size, "serial (no mpi4py)")
-            return made
         made = Communicator(MPI.COMM_WORLD.Dup(), cuda_aware=detect_cuda_aware().aware)
     check_launch(made.size, made.transport_name)
     _WORLD = made
