@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import backend
 from ..comm import Communicator, describe_ranks, fingerprint, get_comm, mark_agreed, shown
@@ -194,21 +195,25 @@ def check_same_parameters(params: Iterable[torch.Tensor], comm: Any = None,
           what, checksum)
 
 
-# The parameter lists whose shapes the ranks agreed on, by communicator
-_AGREED_SHAPES: dict[int, set[tuple[Any, ...]]] = {}
+# The live parameters whose shape the ranks agreed on: parameter -> {(communicator id,
+# shape, dtype)}. Keyed by the tensors themselves (weakly), never by id(): a freed
+# tensor's id may come back on one rank and not on another, and the ranks would then
+# disagree on whether to agree.
+_AGREED_SHAPES: Any = WeakIdKeyDictionary()
 
 
 def _agree_on_shapes(c: Communicator, params: Sequence[torch.Tensor]) -> None:
     """Before the first allreduce of a list of parameters: every rank must hold the same
     count, shapes and dtypes (else one allreduce of mismatched sizes ends in the MPI
-    library's abort). One small reduction per list, the first time; a ``ValueError`` on
-    every rank naming the first difference."""
-    key = tuple((id(p), tuple(p.shape), p.dtype) for p in params)
-    seen = _AGREED_SHAPES.setdefault(id(c), set())
-    if key in seen:
+    library's abort). One small reduction the first time a list is averaged (every rank
+    builds the same model, so every rank decides alike); a ``ValueError`` on every rank
+    naming the first difference."""
+    keys = [(id(c), tuple(p.shape), p.dtype) for p in params]
+    if all(key in _AGREED_SHAPES.get(p, ()) for p, key in zip(params, keys, strict=True)):
         return
     agree(c, {"model": model_description(params)}, "hpcqn.torch.average_gradients")
-    seen.add(key)
+    for p, key in zip(params, keys, strict=True):
+        _AGREED_SHAPES.setdefault(p, set()).add(key)
 
 
 @torch.no_grad()
