@@ -43,6 +43,8 @@ for ranks in 2 3; do
         "torch.distributed tests on ${ranks} process(es)" || status=1
 done
 
+# The documentation site, warnings as errors (its code blocks run in tests/test_docs.py)
+python -m sphinx -W --keep-going -q -b html docs docs/_build/html || status=1
 ruff check . || status=1
 echo "== $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s; every rank's log: ${LOGS}"
 exit "${status}"

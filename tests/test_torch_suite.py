@@ -669,8 +669,6 @@ instantiate_device_type_tests(TestOptimRenewed, globals(), only_for="cpu")
 # -- MKOR and KFAC: the same conventions through their public API ---------------------
 SERIAL = hpcqn.serial_comm()
 LAYERWISE = ("mkor", "kfac")
-LAYERWISE_FIX = ("needs the change to hpcqn/torch/layerwise.py, mkor.py and kfac.py given "
-                 "in docs/torch_known_differences.md")
 
 
 def small_model(dtype=torch.float32, seed=0):
@@ -760,16 +758,11 @@ def test_layerwise_forloop_goes_right_direction(kind, with_lrsched):
 def test_layerwise_tensor_lr(kind):
     """A 0-d tensor lr steps exactly as its value as a float (torch accepts one)."""
     lr = torch.tensor(0.05)
-    try:
-        results = []
-        for value in (float(lr), lr):
-            model = small_model()
-            train(model, build(kind, model, lr=value), 4)
-            results.append(flat(model))
-    except ValueError as error:
-        if "option lr must be" not in str(error):  # not the option check's refusal
-            raise
-        pytest.xfail(f"{LAYERWISE_FIX}: {error}")
+    results = []
+    for value in (float(lr), lr):
+        model = small_model()
+        train(model, build(kind, model, lr=value), 4)
+        results.append(flat(model))
     assert torch.equal(results[0], results[1])
 
 
@@ -915,9 +908,8 @@ def test_layerwise_state_dict_pre_and_post_hooks(kind):
     opt.register_state_dict_pre_hook(state_dict_pre_hook)
     state_dict = opt.state_dict()
     assert "test" not in state_dict["state"]
-    if not state_dict["ran_state_dict_pre_hook"]:
-        pytest.xfail(f"{LAYERWISE_FIX}: the first-order optimizer's state dict is taken "
-                     f"before the pre hooks run")
+    # the first-order optimizer's state dict is taken after the pre hooks ran
+    assert state_dict["ran_state_dict_pre_hook"]
 
 
 @pytest.mark.parametrize("kind", LAYERWISE)
@@ -998,8 +990,7 @@ def test_layerwise_complex_and_mixed_dtype_are_refused_naming_why(kind):
     complex_model = torch.nn.Sequential(torch.nn.Linear(3, 2, dtype=torch.complex64))
     with pytest.raises(TypeError) as refused:
         build(kind, complex_model)
-    if "does not support complex parameters" not in str(refused.value):
-        pytest.xfail(f"{LAYERWISE_FIX}: the message is {refused.value}")
+    assert "does not support complex parameters" in str(refused.value)
 
 
 def test_torch_suite_leaves_the_hypothesis_profile_as_it_was(request):
