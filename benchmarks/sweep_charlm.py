@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "charlm_sweep.jsonl"
-GRIDS = {"adamw": (1e-3, 3e-3, 1e-2), "mkor": (1e-3, 3e-3, 1e-2),
+GRIDS = {"adamw": (3e-4, 1e-3, 3e-3, 1e-2), "mkor": (1e-3, 3e-3, 1e-2),
          "mkor_h": (1e-3, 3e-3, 1e-2), "kfac": (1e-3, 3e-3, 1e-2),
          "mlbfgs": (0.01, 0.03, 0.1)}
 EPOCH = re.compile(r"epoch (\d+): train loss ([\d.naninf]+)\s+validation loss ([\d.naninf]+)"
