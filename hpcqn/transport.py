@@ -94,6 +94,31 @@ def check_launch(size: int, transport: str, environ: Any = None) -> None:
                 f"creates its communicator. (HPCQN_IGNORE_SLURM=1 ignores Slurm's count.)")
 
 
+def torchrun_launch() -> bool:
+    """Whether torchrun (torch's elastic launcher) started this process."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def start_torch_distributed() -> bool:
+    """For programs hpcqn owns (the ``hpcqn`` command): under torchrun, and no MPI
+    launch, initialise ``torch.distributed``'s default group (``"cpu:gloo,cuda:nccl"``
+    when CUDA is available: host buffers over gloo, device tensors over NCCL; gloo
+    alone otherwise) unless it is already. Returns whether the group is torch's. A
+    library call never does this itself: a user's program initialises its group."""
+    if not torchrun_launch() or mpi_launch():
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and os.environ.get("HPCQN_DEVICE") != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0"))
+                                  % torch.cuda.device_count())
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    return True
+
+
 def torch_default_group() -> Any | None:
     """``torch.distributed``'s default process group when torch is imported and the group
     is initialised; None otherwise (torch is never imported here)."""
@@ -178,9 +203,10 @@ class TorchTransport:
     """Collectives over a ``torch.distributed`` process group. Buffers are wrapped as
     tensors without a copy (``torch.from_numpy``, DLPack for CuPy). gloo takes host
     tensors (device arrays are staged by the communicator: ``device_ok`` is False); NCCL
-    takes CUDA tensors, so host buffers are copied to the current CUDA device and back
-    (only the small agreements travel so; arrays of the optimizers are on the device
-    already). gloo has no uneven allgather: blocks are padded to the largest."""
+    alone takes only CUDA tensors, so host buffers are copied to the current CUDA device
+    and back (only the small agreements travel so; arrays of the optimizers are on the
+    device already); a group of both (``"cpu:gloo,cuda:nccl"``) takes each where it is.
+    gloo has no uneven allgather: blocks are padded to the largest."""
 
     name = "torch.distributed"
 
@@ -191,12 +217,12 @@ class TorchTransport:
         self.torch, self.dist, self.group = torch, dist, group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.backend = str(dist.get_backend(group)).lower()
-        self.nccl = "nccl" in self.backend
+        self.device_ok = "nccl" in self.backend  # CUDA tensors go to the transport as they are
+        self.host_ok = "gloo" in self.backend or "mpi" in self.backend
         # torch 2.13 renamed the single-tensor collectives; older releases have the others
         self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._scatter = (getattr(dist, "reduce_scatter_single", None)
                          or dist.reduce_scatter_tensor)
-        self.device_ok = self.nccl  # whether device arrays may go to the transport as they are
 
     # tensors from buffers -----------------------------------------------------------------
     def _tensor(self, a: Any) -> tuple[Any, Any]:
@@ -206,7 +232,7 @@ class TorchTransport:
         if backend.is_device_array(a):
             return torch.from_dlpack(a), None
         t = torch.from_numpy(a if a.flags.writeable else a.copy())
-        if self.nccl:
+        if not self.host_ok:
             return t.to(f"cuda:{torch.cuda.current_device()}"), a
         return t, None
 
