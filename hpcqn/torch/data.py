@@ -193,6 +193,8 @@ def check_same_parameters(params: Iterable[torch.Tensor], comm: Any = None,
     agree(c, {"options": dict(options or {}),
               "model": dict(model_description(params) if model is None else model)},
           what, checksum)
+    if model is None:  # these parameters' shapes are agreed: average_gradients need not
+        _mark_agreed(c, params)
 
 
 # The live parameters whose shape the ranks agreed on: parameter -> {(communicator id,
@@ -212,8 +214,12 @@ def _agree_on_shapes(c: Communicator, params: Sequence[torch.Tensor]) -> None:
     if all(key in _AGREED_SHAPES.get(p, ()) for p, key in zip(params, keys, strict=True)):
         return
     agree(c, {"model": model_description(params)}, "hpcqn.torch.average_gradients")
-    for p, key in zip(params, keys, strict=True):
-        _AGREED_SHAPES.setdefault(p, set()).add(key)
+    _mark_agreed(c, params)
+
+
+def _mark_agreed(c: Communicator, params: Sequence[torch.Tensor]) -> None:
+    for p in params:
+        _AGREED_SHAPES.setdefault(p, set()).add((id(c), tuple(p.shape), p.dtype))
 
 
 @torch.no_grad()
