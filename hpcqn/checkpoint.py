@@ -23,6 +23,14 @@ are numbers, strings, booleans, None, NumPy or CuPy arrays and torch tensors. It
 stored as HDF5 groups, datasets and attributes: numbers and arrays only, never pickle,
 and loading never executes anything. Arrays come back as NumPy arrays (CuPy arrays and
 torch tensors as what they were, on the host; moving them to a device is the caller's).
+:func:`save` accepts only what :func:`load` gives back equal (:func:`check_storable`,
+before anything is written, agreed by every rank): a dict's keys all strings (non-empty,
+UTF-8, without ``/`` or NUL, not ``.``) or all integers of 64 bits (they come back as
+``int``); strings UTF-8 without NUL; NumPy scalars of at most 64 bits (they come back as
+Python numbers); arrays and tensors of a numeric dtype HDF5 keeps exactly (no
+``longdouble``, no masked arrays, strided tensors only), of any shape (0-d too); at most
+:data:`MAX_DEPTH` levels of nesting. Anything else is a ``TypeError`` or ``ValueError``
+naming its key path (``/optimizer/blocks/3``).
 Each rank file's root says which checkpoint ``step``, ``rank`` and ``nranks`` it belongs
 to (format version 2; version-1 files, which do not, are still read).
 
@@ -138,25 +146,124 @@ def _reason(exc: BaseException) -> str:
 
 
 # -- tree <-> HDF5 --------------------------------------------------------------------------
+_INT64 = (-(2**63), 2**63)
+_EXACT_FLOAT_BYTES = (2, 4, 8)  # float16/32/64 (and complex64/128): HDF5 keeps them exactly
+
+
+def _key_problem(key: Any) -> str | None:
+    """Why ``key`` (a string dict key) cannot be an HDF5 link name that comes back as it
+    was, or None."""
+    if not key or key == ".":
+        return "an HDF5 name cannot be empty or '.'"
+    if "/" in key:
+        return "'/' separates HDF5 names"
+    if "\0" in key:
+        return "HDF5 names end at a NUL character"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8 (a lone surrogate)"
+    return None
+
+
+def _text_problem(text: str) -> str | None:
+    if "\0" in text:
+        return "HDF5 strings end at a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8 (a lone surrogate)"
+    return None
+
+
+def _dtype_problem(dtype: np.dtype) -> str | None:
+    """Why arrays of ``dtype`` would not come back equal, or None."""
+    if dtype.kind not in "biufc":
+        return f"checkpoint arrays must be numeric, got dtype {dtype}"
+    if dtype.kind == "f" and dtype.itemsize not in _EXACT_FLOAT_BYTES:
+        return f"dtype {dtype} is not stored exactly (float16, float32 and float64 are)"
+    if dtype.kind == "c" and dtype.itemsize // 2 not in _EXACT_FLOAT_BYTES[1:]:
+        return f"dtype {dtype} is not stored exactly (complex64 and complex128 are)"
+    return None
+
+
+def _tensor_problem(tensor: Any) -> str | None:
+    import torch
+
+    if tensor.layout != torch.strided:
+        return f"a {tensor.layout} tensor (strided tensors only)"
+    if tensor.is_quantized:
+        return "a quantized tensor"
+    if tensor.device.type == "meta":
+        return "a tensor on the meta device holds no data"
+    dtype = str(tensor.dtype).replace("torch.", "")
+    if dtype not in _TORCH_DTYPES:
+        return f"torch dtype {dtype} (stored: {', '.join(_TORCH_DTYPES)})"
+    return None
+
+
+def check_storable(state: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` or ``ValueError`` naming the key path (``/a/b/0``) of the first
+    value of ``state`` that :func:`load` would not give back equal (see the module
+    docstring); nothing is written. :func:`save` calls it on every rank first."""
+    stack: list[tuple[str, Any, int]] = [("", state, -1)]
+    while stack:
+        path, value, depth = stack.pop()
+        where = path or "/"
+        if depth > MAX_DEPTH:
+            raise ValueError(f"checkpoint state nested more than {MAX_DEPTH} levels deep at "
+                             f"{where[:200]}...")
+        if isinstance(value, Mapping):
+            keys = list(value)
+            if not all(isinstance(k, str) for k in keys):
+                if not all(_integer(k) for k in keys):
+                    raise TypeError(f"checkpoint dict keys must be all strings or all "
+                                    f"integers, got {sorted(map(repr, keys))[:5]} at {where}")
+                for k in keys:
+                    if not _INT64[0] <= int(k) < _INT64[1]:
+                        raise ValueError(f"checkpoint dict key {k} at {where} does not fit "
+                                         f"in 64 bits")
+            for k in keys:
+                if isinstance(k, str) and _key_problem(k):
+                    raise ValueError(f"checkpoint key {k!r} at {where} cannot be stored: "
+                                     f"{_key_problem(k)}")
+                stack.append((f"{path}/{k}", value[k], depth + 1))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{path}/{i}", item, depth + 1) for i, item in enumerate(value))
+        elif value is None or isinstance(value, (bool, np.bool_, int, np.integer)):
+            pass
+        elif isinstance(value, (float, np.floating)):
+            if isinstance(value, np.floating) and value.dtype.itemsize > 8:
+                raise TypeError(f"cannot store a {value.dtype} scalar exactly (at {where}): "
+                                f"float64 at most")
+        elif isinstance(value, str):
+            if _text_problem(value):
+                raise ValueError(f"checkpoint string at {where} cannot be stored: "
+                                 f"{_text_problem(value)}")
+        elif _is_torch_tensor(value):
+            if _tensor_problem(value):
+                raise TypeError(f"cannot store {_tensor_problem(value)} in a checkpoint "
+                                f"(at {where})")
+        elif isinstance(value, np.ndarray) or backend.is_cupy_array(value):
+            if isinstance(value, np.ma.MaskedArray):
+                raise TypeError(f"cannot store a masked array in a checkpoint (at {where}): "
+                                f"its mask would be lost")
+            if _dtype_problem(value.dtype):
+                raise TypeError(f"{_dtype_problem(value.dtype)} (at {where})")
+        else:
+            raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint (at "
+                            f"{where}): numbers, strings, arrays, dicts and lists only")
+
+
 def _write(group: Any, key: str, value: Any) -> None:
     import h5py
 
     if isinstance(value, Mapping):
         sub = group.create_group(key, track_order=True)
-        keys = list(value)
-        if all(isinstance(k, str) for k in keys):
-            sub.attrs[KIND] = "dict"
-        elif all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in keys):
-            sub.attrs[KIND] = "intdict"
-        else:
-            raise TypeError(f"checkpoint dict keys must be all strings or all integers, got "
-                            f"{sorted(map(repr, keys))[:5]} under {sub.name!r}")
+        keys = list(value)  # all strings or all integers (check_storable)
+        sub.attrs[KIND] = "dict" if all(isinstance(k, str) for k in keys) else "intdict"
         for k in keys:
-            name = str(k)
-            if not name or "/" in name or name == ".":
-                raise ValueError(f"checkpoint key {name!r} under {sub.name!r} is not usable "
-                                 f"as an HDF5 name")
-            _write(sub, name, value[k])
+            _write(sub, str(int(k)) if _integer(k) else k, value[k])
     elif isinstance(value, (list, tuple)):
         sub = group.create_group(key, track_order=True)
         sub.attrs[KIND] = "tuple" if isinstance(value, tuple) else "list"
@@ -178,7 +285,7 @@ def _write(group: Any, key: str, value: Any) -> None:
     elif isinstance(value, str):
         group.create_dataset(key, data=value).attrs[KIND] = "str"
     elif _is_torch_tensor(value):
-        tensor = value.detach().cpu().contiguous()
+        tensor = value.detach().cpu().resolve_conj().resolve_neg().contiguous()
         dtype = str(tensor.dtype).replace("torch.", "")
         if dtype == "bfloat16":  # no NumPy type: its raw bits
             import torch
@@ -191,10 +298,10 @@ def _write(group: Any, key: str, value: Any) -> None:
         dataset.attrs["dtype"] = dtype
     elif hasattr(value, "shape") and hasattr(value, "dtype"):
         device = "cupy" if backend.is_cupy_array(value) else "numpy"
-        array = np.ascontiguousarray(backend.to_host(value))
-        if array.dtype.kind not in "biufc":
-            raise TypeError(f"checkpoint arrays must be numeric, got dtype {array.dtype} at "
-                            f"{group.name}/{key}")
+        # np.asarray, not np.ascontiguousarray: that makes a 0-d array 1-d.
+        array = np.asarray(backend.to_host(value))
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")
         dataset = group.create_dataset(key, data=array)
         dataset.attrs[KIND] = "array"
         dataset.attrs["device"] = device
@@ -257,6 +364,7 @@ def write_state(path: str | Path, state: Mapping[str, Any], *, rank: int | None 
     file's root attributes, where :func:`load` checks them against the manifest."""
     header = {name: int(value) for name, value in
               (("rank", rank), ("nranks", nranks), ("step", step)) if value is not None}
+    check_storable(state)
     _write_bytes(Path(path), _encode(state, header), exclusive=False)
 
 
@@ -457,12 +565,13 @@ class _Reader:
             return int(value)
         if kind == "float":
             return float(value)
-        array = np.array(value)
+        array = np.array(value, dtype=ds.dtype)  # a 0-d one's byte order too
         if kind == "array" or not self.tensors:
             return array
         import torch
 
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=_TORCH_DTYPES[plan[2]]))
+        # np.array keeps a 0-d array 0-d (np.ascontiguousarray would make it 1-d).
+        tensor = torch.from_numpy(np.array(array, dtype=_TORCH_DTYPES[plan[2]], order="C"))
         return tensor.view(torch.bfloat16) if plan[2] == "bfloat16" else tensor
 
 
@@ -612,7 +721,8 @@ _READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBL
 _DIR_FD = os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd
 
 
-def _what(mode: int) -> str:
+def describe_mode(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is: "a regular file", "a FIFO", "a symlink"..."""
     for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISLNK, "a symlink"),
                        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -622,30 +732,41 @@ def _what(mode: int) -> str:
     return "not a regular file"
 
 
+def read_regular(path: str | Path, limit: int, follow: bool = False) -> bytes:
+    """The bytes of ``path``, which must be a regular file (a symlink to one only with
+    ``follow``; never a FIFO, device, socket or directory, so nothing can block or feed
+    endless bytes) of at most ``limit`` bytes; else :class:`CheckpointError` naming the
+    file and what it is. The reader :func:`load` uses; the job files and the run
+    directories of :mod:`hpcqn.experiments.jobs` are read with it too."""
+    return _read_regular(Path(path), None, None, limit, follow)
+
+
 def _read_regular(path: Path, dir_fd: int | None, expected: int | None,
-                  limit: int) -> bytes:
+                  limit: int, follow: bool = False) -> bytes:
     """The bytes of ``path`` (``path.name`` relative to ``dir_fd`` when given), which must
-    be a regular file (not a symlink, FIFO, device or directory) of at most ``limit``
-    bytes, and of exactly ``expected`` bytes when given."""
+    be a regular file (not a symlink unless ``follow``, nor a FIFO, device or directory)
+    of at most ``limit`` bytes, and of exactly ``expected`` bytes when given."""
     name: str | Path = path.name if dir_fd is not None else path
     kwargs = {"dir_fd": dir_fd} if dir_fd is not None else {}
     try:
-        info = os.stat(name, follow_symlinks=False, **kwargs)
+        info = os.stat(name, follow_symlinks=follow, **kwargs)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} is missing") from exc
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {_reason(exc)}") from exc
     if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"{path} is {_what(info.st_mode)}, not a regular file")
+        raise CheckpointError(f"{path} is {describe_mode(info.st_mode)}, not a regular file")
+    flags = _READ_FLAGS & ~getattr(os, "O_NOFOLLOW", 0) if follow else _READ_FLAGS
     try:
-        fd = os.open(name, _READ_FLAGS, **kwargs)
+        fd = os.open(name, flags, **kwargs)
     except OSError as exc:
         reason = "a symlink" if exc.errno == errno_codes.ELOOP else _reason(exc)
         raise CheckpointError(f"cannot read {path}: {reason}") from exc
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{path} is {_what(info.st_mode)}, not a regular file")
+            raise CheckpointError(f"{path} is {describe_mode(info.st_mode)}, not a regular "
+                                  f"file")
         size = info.st_size
         if expected is not None and size != expected:
             raise CheckpointError(f"{path} has {size} bytes, the manifest says {expected}: "
@@ -705,9 +826,11 @@ def save(directory: str | Path, state: Mapping[str, Any], comm: Any = None, step
          keep: int = 3, meta: Mapping[str, Any] | None = None) -> Path:
     """Write this rank's ``state`` as part of checkpoint ``step`` (every rank calls it);
     returns the checkpoint's directory. ``meta`` (rank 0's; JSON-able) goes into the
-    manifest. Raises on every rank if any rank failed (:class:`CheckpointError`, one line
-    naming the file and the reason; a value that cannot be stored is the failing rank's
-    ``TypeError`` or ``ValueError``), leaving no temporary directory behind and the
+    manifest. A state :func:`load` would not give back equal (:func:`check_storable`) is
+    refused before anything is written: the failing rank's ``TypeError`` or
+    ``ValueError`` naming the key path, a :class:`hpcqn.RemoteRankError` carrying it on
+    the others. Any later failure raises on every rank (:class:`CheckpointError`, one
+    line naming the file and the reason), leaving no temporary directory behind and the
     previous checkpoint and ``latest`` as they were."""
     c = get_comm(comm)
     directory = Path(directory)
@@ -720,20 +843,25 @@ def save(directory: str | Path, state: Mapping[str, Any], comm: Any = None, step
     temporary = directory / f".{_name(step)}.tmp"
     error: BaseException | None = None
     meta = dict(meta or {})
-    if c.rank == 0:
-        try:
-            json.dumps(meta)
-            directory.mkdir(parents=True, exist_ok=True)
+    try:
+        check_storable(state)
+        if c.rank == 0:
+            try:
+                json.dumps(meta)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise CheckpointError(f"the metadata of {final} is not JSON: "
+                                      f"{_reason(exc)}") from exc
             shutil.rmtree(temporary, ignore_errors=True)  # a crashed earlier attempt
-            temporary.mkdir()
-        except (TypeError, ValueError) as exc:
-            error = CheckpointError(f"the metadata of {final} is not JSON: {_reason(exc)}")
-        except OSError as exc:
-            error = CheckpointError(f"cannot create {temporary}: {_reason(exc)}")
-    _agree(c, error)
+    except (TypeError, ValueError, CheckpointError) as exc:
+        error = exc
+    _agree(c, error)  # nothing written yet; from here on every rank may write
     path = temporary / rank_file(c.rank)
     entry: dict[str, Any] = {}
     try:
+        try:
+            temporary.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot create {temporary}: {_reason(exc)}") from exc
         data = _encode(state, {"rank": c.rank, "nranks": c.size, "step": step})
         _write_bytes(path, data)
         entry = {"file": path.name, "bytes": len(data),
@@ -861,8 +989,8 @@ def latest(directory: str | Path) -> Path | None:
         raise CheckpointError(f"{pointer} names {name}, which cannot be read: "
                               f"{_reason(exc)}") from exc
     if not stat.S_ISDIR(info.st_mode):
-        raise CheckpointError(f"{pointer} names {where}, which is {_what(info.st_mode)}, "
-                              f"not a checkpoint directory")
+        raise CheckpointError(f"{pointer} names {where}, which is "
+                              f"{describe_mode(info.st_mode)}, not a checkpoint directory")
     return where
 
 
@@ -926,8 +1054,10 @@ def _manifest(data: bytes, where: Path, manifest_path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_here(directory: str | Path, c: Communicator, path: str | Path | None) -> Checkpoint:
-    """This rank's part of :func:`load`: everything checked, nothing shared."""
+def _open_checkpoint(directory: str | Path, path: str | Path | None
+                     ) -> tuple[Path, int | None]:
+    """The checkpoint directory (``path``, else the one ``latest`` names, which must not
+    be a symlink) and a descriptor of it (None where the platform has no ``dir_fd``)."""
     if path is not None:
         where = Path(path)
         flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -943,12 +1073,52 @@ def _load_here(directory: str | Path, c: Communicator, path: str | Path | None) 
     except OSError as exc:
         reason = "a symlink" if exc.errno == errno_codes.ELOOP else _reason(exc)
         raise CheckpointError(f"cannot open checkpoint directory {where}: {reason}") from exc
+    if dir_fd is not None and not stat.S_ISDIR(os.fstat(dir_fd).st_mode):
+        os.close(dir_fd)
+        raise CheckpointError(f"{where} is not a directory")
+    return where, dir_fd
+
+
+def _manifest_at(where: Path, dir_fd: int | None) -> dict[str, Any]:
+    manifest_path = where / MANIFEST
+    return _manifest(_read_regular(manifest_path, dir_fd, None, MAX_MANIFEST_BYTES), where,
+                     manifest_path)
+
+
+@dataclass
+class Manifest:
+    """What :func:`read_manifest` returns: the checkpoint's directory, step, rank count
+    and metadata."""
+
+    path: Path
+    step: int
+    nranks: int
+    meta: dict[str, Any]
+
+
+def read_manifest(directory: str | Path) -> Manifest | None:
+    """The manifest of the checkpoint that ``latest`` names in ``directory``, read with
+    every check :func:`load` makes on it (``latest`` and the checkpoint directory as
+    :func:`latest` says, the manifest a regular file of at most
+    :data:`MAX_MANIFEST_BYTES`, every field type-checked), or None when there is no
+    ``latest``. No rank file is read and nothing is agreed: this rank's answer, or a
+    :class:`CheckpointError` naming the file."""
+    if latest(directory) is None:
+        return None
+    where, dir_fd = _open_checkpoint(directory, None)
     try:
-        if dir_fd is not None and not stat.S_ISDIR(os.fstat(dir_fd).st_mode):
-            raise CheckpointError(f"{where} is not a directory")
-        manifest_path = where / MANIFEST
-        manifest = _manifest(_read_regular(manifest_path, dir_fd, None, MAX_MANIFEST_BYTES),
-                             where, manifest_path)
+        manifest = _manifest_at(where, dir_fd)
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return Manifest(where, manifest["step"], manifest["nranks"], dict(manifest["meta"]))
+
+
+def _load_here(directory: str | Path, c: Communicator, path: str | Path | None) -> Checkpoint:
+    """This rank's part of :func:`load`: everything checked, nothing shared."""
+    where, dir_fd = _open_checkpoint(directory, path)
+    try:
+        manifest = _manifest_at(where, dir_fd)
         nranks = manifest["nranks"]
         ranks = [c.rank] if nranks == c.size else list(range(nranks))
         states = []

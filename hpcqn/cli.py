@@ -7,12 +7,16 @@ Exit codes (distinct; ``hpcqn run``):
 - 2 (:data:`EXIT_BAD_INPUT`): bad input, found before any work: the job file (a missing,
   unreadable or invalid file, an unknown section or key, a value of the wrong type or out
   of range), options, a checkpoint that does not fit the job (or a run directory whose
-  checkpoints were saved for a different job file: ``--fresh`` starts over), a Slurm
-  task-count mismatch, a run directory in use by another run (its ``lock``). One line on
-  stderr, from rank 0 only;
+  checkpoints were saved for a different job file: ``--fresh`` starts over), a launch
+  whose world has fewer ranks than the launcher declared (:class:`hpcqn.LaunchError`: a
+  Slurm task count, torchrun's ``WORLD_SIZE``, an MPI launcher's size; under torchrun
+  ``hpcqn run`` initialises torch.distributed itself), a run directory in use by another
+  run (its ``lock``). One line on stderr, from rank 0 only (every process, for a launch
+  error: each is alone);
 - 3 (:data:`EXIT_PREEMPTED`): stopped by SIGUSR1, SIGTERM or SIGINT (Ctrl-C) after
-  writing a checkpoint (run the same command again to resume; the ``slurm/`` templates
-  requeue the job);
+  writing a checkpoint, or before the first step (during the start-up: nothing was done,
+  one line says so); run the same command again to resume (the ``slurm/`` templates
+  requeue the job). The handlers are installed first thing, before any heavy import;
 - 4 (:data:`hpcqn.comm.EXIT_FAILED`): a rank failed (out of memory, an error in a model or
   a callback, a second Ctrl-C): its error is printed once, by that rank, and every rank
   stops (by agreement, or by ``MPI_Abort``).
@@ -21,14 +25,10 @@ Exit codes (distinct; ``hpcqn run``):
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-import traceback
 from collections.abc import Sequence
 
-import numpy as np
-
-from .signals import EXIT_PREEMPTED
+from .signals import EXIT_PREEMPTED, StopFlag, early_stop
 
 EXIT_OK = 0
 EXIT_NOT_CONVERGED = 1
@@ -53,6 +53,10 @@ def info() -> int:
     """Print the MPI library, rank count, CUDA-awareness (direct device buffers or host
     staging, and why), the devices, and each rank's local rank and bound device (rank 0
     prints; every rank binds, so under a launcher this shows the real placement)."""
+    import platform
+
+    import numpy as np
+
     from . import __version__
     from .comm import detect_cuda_aware, get_comm, library_version
     from .device import bind
@@ -105,7 +109,36 @@ def limit_threads() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hpcqn", description=__doc__.splitlines()[0])
+    # Before anything else (the argument parsing, MPI, torch): from here on SIGUSR1,
+    # SIGTERM and SIGINT only set a flag, which `hpcqn run` agrees on at its first
+    # agreement (a stop before the first step: exit 3, one line). Other commands give
+    # the signals back their handlers, and a signal caught meanwhile is delivered again.
+    stop = early_stop() or StopFlag().install()
+    try:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit:  # --help, --version or bad arguments
+            stop.release()
+            raise
+        if args.command != "run":
+            stop.release()
+            code = info() if args.command == "info" else plot_command(args.runs, args.output)
+        else:
+            code = run_command(args.job, args.output, args.fresh, stop)
+    finally:
+        stop.restore()
+    from .comm import exit_agreed
+
+    exit_agreed()  # every rank returns the same code: its exit is no rank's lone failure
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="hpcqn",
+                                     description=__doc__.splitlines()[0].replace("``", ""))
+    parser.add_argument("--version", action="version", version=f"hpcqn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="MPI library, rank count, CUDA-awareness, devices")
     run = sub.add_parser("run", help="run a job file (jobs/*.toml) on every rank")
@@ -117,36 +150,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     draw = sub.add_parser("plot", help="loss and accuracy curves of run directories (PNG)")
     draw.add_argument("runs", nargs="+", help="run directories (with metrics *.jsonl)")
     draw.add_argument("--output", default="hpcqn-plot.png", help="the PNG to write")
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        return info()
-    if args.command == "plot":
-        return plot_command(args.runs, args.output)
-    return run_command(args.job, args.output, args.fresh)
+    return parser
 
 
-def run_command(job: str, output: str | None = None, fresh: bool = False) -> int:
+def run_command(job: str, output: str | None = None, fresh: bool = False,
+                stop: StopFlag | None = None) -> int:
     """``hpcqn run``: the exit code (see the module docstring). Bad input is found on
     every rank alike (every rank reads the same job file, agreed by its digest, and checks
     it the same way; the run directory's verdict is rank 0's, broadcast; checkpoint errors
     are agreed in the reading), so each rank knows the outcome and only rank 0 prints it.
     A failure on one rank that every rank learnt of in an agreement is printed once, by
-    that rank (exit 4); any other failure aborts every rank (:func:`abort_on_failure`)."""
+    that rank (exit 4); any other failure aborts every rank (:func:`abort_on_failure`).
+    ``stop``: the flag :func:`main` installed first (else one is installed here)."""
+    if stop is None:
+        with StopFlag() as own:
+            return run_command(job, output, fresh, own)
+    import traceback
+
     from .checkpoint import CheckpointError
     from .comm import EXIT_FAILED, RemoteRankError, abort_on_failure, get_comm, is_agreed
     from .experiments.jobs import JobError, run_job
-    from .signals import StopFlag
+    from .transport import LaunchError, start_torch_distributed
 
-    comm = get_comm()
-    problem = slurm_mismatch(comm.size)
-    if problem:
-        _error(comm.rank, problem)
+    start_torch_distributed()  # under torchrun: torch.distributed's group is the world
+    try:
+        comm = get_comm()
+    except LaunchError as exc:  # every process finds the same: each says it, exit 2
+        _error(0, str(exc).removeprefix("hpcqn: "))
         return EXIT_BAD_INPUT
     limit_threads()
     with abort_on_failure(comm):
         try:
-            with StopFlag() as stop:
-                summary = run_job(job, comm=comm, output=output, fresh=fresh, stop=stop)
+            summary = run_job(job, comm=comm, output=output, fresh=fresh, stop=stop)
         except (JobError, CheckpointError) as exc:
             _error(comm.rank, str(exc))
             return EXIT_BAD_INPUT
@@ -189,24 +224,6 @@ def plot_command(runs: list[str], output: str) -> int:
         return 2
     print(f"hpcqn plot: wrote {path}")
     return 0
-
-
-def slurm_mismatch(size: int) -> str | None:
-    """Under Slurm, the task count of the step (or job) must be the communicator's size:
-    ``python`` started by ``sbatch`` without ``srun`` is one process per task, each a
-    singleton MPI world that would run the whole job alone. ``HPCQN_IGNORE_SLURM=1``
-    skips the check."""
-    import os
-
-    if os.environ.get("HPCQN_IGNORE_SLURM") == "1":
-        return None
-    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
-    if not tasks or not tasks.isdigit() or int(tasks) == size:
-        return None
-    return (f"Slurm runs this with {tasks} task(s) but the MPI world has {size} rank(s): "
-            f"launch with 'srun hpcqn run ...' (or mpiexec inside the allocation), not "
-            f"'python'/'hpcqn' alone; mpi4py must be built against Slurm's MPI. Set "
-            f"HPCQN_IGNORE_SLURM=1 to skip this check.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,7 @@ the stop on SIGUSR1/SIGTERM, agreed on by every rank in a reduction the loop alr
 makes, which then checkpoints and raises :class:`hpcqn.signals.Preempted`.
 
 A loop owns its solver (which knows nothing of files or signals: it offers a step,
-``state_dict`` and ``load_state_dict``) and asks a :class:`Driver` at each step boundary:
+``state_dict`` and ``load_state_dict``) and asks a :class:`Driver` at each step boundary::
 
     flags = driver.flags()                      # this rank's stop/signal flags
     reduced = comm.allreduce_named(..., maxes={**mine, **flags}, error=driver.error())
@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import checkpoint
-from .comm import Communicator
+from .comm import Communicator, RemoteRankError
 from .signals import Preempted
 
 # What an agreement gives when a loop has nothing to agree on (no stop flag installed).
@@ -100,13 +102,40 @@ class Driver:
     def checkpointing(self) -> bool:
         return self.policy.directory is not None
 
-    def resume(self, same_ranks: str | None = None) -> dict[str, Any] | None:
+    def resume(self, same_ranks: str | None = None,
+               like: Callable[[], Mapping[str, Any]] | None = None) -> dict[str, Any] | None:
         """The state saved by the latest checkpoint, or None (no directory, no checkpoint,
         or ``resume`` off). A checkpoint saved for another configuration is a
         :class:`hpcqn.checkpoint.CheckpointError` on every rank naming the keys that
-        differ; ``same_ranks`` (the reason) refuses one saved on another rank count."""
+        differ; ``same_ranks`` (the reason) refuses one saved on another rank count;
+        ``like`` (the state this run would save now, before its first step) refuses one
+        in which an array or tensor of that state is missing or has another shape or
+        dtype, naming its key path.
+
+        Whether ``latest`` names a checkpoint is agreed first (one small reduction):
+        every rank reads it with the loader's checks, and an error on any rank is an
+        error on every rank, as is a rank that sees none where the others see one."""
         directory = self.policy.directory
-        if directory is None or not self.policy.resume or checkpoint.latest(directory) is None:
+        if directory is None or not self.policy.resume:
+            return None
+        found, error = None, None
+        try:
+            found = checkpoint.latest(directory)
+        except checkpoint.CheckpointError as exc:
+            error = exc
+        try:
+            agreed = self.comm.allreduce_named(error=error,
+                                               same={"found": float(found is not None)})
+        except RemoteRankError as exc:
+            if exc.remote_type != "CheckpointError":
+                raise
+            raise checkpoint.RemoteCheckpointError(exc.rank, exc.remote_message) from exc
+        if agreed.differ:
+            raise checkpoint.CheckpointError(
+                f"the ranks do not see the same {directory}/{checkpoint.LATEST} (holds a "
+                f"checkpoint: {agreed.describe('found', lambda v: 'yes' if v else 'no')}): "
+                f"every rank must see the same file system")
+        if found is None:
             return None
         saved = checkpoint.load(directory, self.comm)
         state = saved.state()
@@ -121,6 +150,11 @@ class Driver:
                 error = checkpoint.CheckpointError(
                     f"{saved.path} was saved for another configuration ({'; '.join(changed)})"
                     f"; start fresh (--fresh, or resume=False) or restore the old settings")
+            elif like is not None:
+                unlike = mismatch(state, like())
+                if unlike:
+                    error = checkpoint.CheckpointError(
+                        f"{saved.path} does not fit this run: {unlike}")
         self.comm.allreduce_scalars([], [], error)  # every rank raises if any rank's is bad
         self.resumed_from, self._saved_step = saved, saved.step
         return state
@@ -194,6 +228,69 @@ class Driver:
         """After the loop: a failure in the run's last callback reaches every rank (one
         reduction); returns whether a callback on any rank asked to stop."""
         return self.agree()["stop"] > 0
+
+
+def _signature(value: Any) -> tuple[str, tuple[int, ...], str] | None:
+    """("tensor" or "array", shape, dtype name) of a torch tensor or an array, else None."""
+    if isinstance(value, np.generic) or not (hasattr(value, "shape")
+                                             and hasattr(value, "dtype")):
+        return None  # NumPy scalars come back from a checkpoint as Python numbers
+    kind = "tensor" if type(value).__module__.startswith("torch") else "array"
+    return kind, tuple(int(n) for n in value.shape), str(value.dtype).replace("torch.", "")
+
+
+def _described(signature: tuple[str, tuple[int, ...], str]) -> str:
+    kind, shape, dtype = signature
+    return f"{'an' if kind == 'array' else 'a'} {kind} of shape {shape} and dtype {dtype}"
+
+
+def mismatch(saved: Any, like: Any, path: str = "") -> str | None:
+    """Where ``saved`` (a loaded state) does not fit ``like`` (the state a run would save
+    now): the key path of the first array or tensor of ``like`` that ``saved`` lacks or
+    holds with another kind, shape or dtype, and both; None when all fit. Only what
+    ``like`` has is compared (states grow: an optimizer's per-parameter entries appear at
+    its first step), and only arrays, tensors and the containers above them."""
+    where = path or "/"
+    expected = _signature(like)
+    if expected is not None:
+        found = _signature(saved)
+        if found != expected:
+            shown = "not an array" if found is None else _described(found)
+            return f"{where} is {shown}, this run has {_described(expected)}"
+        return None
+    if isinstance(like, Mapping):
+        if not isinstance(saved, Mapping):
+            return f"{where} is a {type(saved).__name__}, this run has a dict"
+        for key, value in like.items():
+            if key not in saved:
+                if _holds_arrays(value):
+                    return f"{path}/{key} is missing"
+                continue
+            found = mismatch(saved[key], value, f"{path}/{key}")
+            if found:
+                return found
+    elif isinstance(like, (list, tuple)):
+        if not isinstance(saved, (list, tuple)):
+            return f"{where} is a {type(saved).__name__}, this run has a list"
+        for index, value in enumerate(like):
+            if index >= len(saved):
+                if _holds_arrays(value):
+                    return f"{path}/{index} is missing"
+                continue
+            found = mismatch(saved[index], value, f"{path}/{index}")
+            if found:
+                return found
+    return None
+
+
+def _holds_arrays(value: Any) -> bool:
+    if _signature(value) is not None:
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_arrays(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_arrays(v) for v in value)
+    return False
 
 
 def skip_done(batches: Iterable[Any], done: int) -> Iterator[tuple[int, Any]]:

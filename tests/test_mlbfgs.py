@@ -344,3 +344,50 @@ def test_compact_map_is_the_dense_inverse_minus_gamma():
         dense = history.vectors.T @ k @ history.vectors + gamma * np.eye(n)
         np.testing.assert_allclose(dense, dense_inverse_bfgs(pairs, n), rtol=1e-9,
                                    atol=1e-9 * np.abs(dense).max())
+
+
+# -- state dicts are snapshots -----------------------------------------------------------
+def deep_copy(state):
+    if isinstance(state, dict):
+        return {k: deep_copy(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [deep_copy(v) for v in state]
+    return state.copy() if isinstance(state, np.ndarray) else state
+
+
+def assert_same_state(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("cls, options", [(MLBFGS, {"period": 2, "history": 3}),
+                                          (hpcqn.SGD, {"momentum": 0.9}), (hpcqn.Adam, {})])
+def test_a_kept_state_dict_does_not_change_with_later_steps(cls, options):
+    """state_dict() kept, then more steps (pairs pushed, momenta and counters moved): the
+    kept one equals its deep copy taken at the time; and a state loaded from it does not
+    write back into it."""
+    layout = BlockLayout.from_sizes([6, 5, 4], 1)
+    opt = cls(layout, hpcqn.serial_comm(), lr=0.05, **options)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(layout.n)
+    for _ in range(5):
+        opt.step(x, 2 * x + rng.standard_normal(layout.n))
+    kept = opt.state_dict()
+    frozen = deep_copy(kept)
+    for _ in range(6):
+        opt.step(x, 2 * x + rng.standard_normal(layout.n))
+    assert_same_state(kept, frozen)
+    assert opt.state_dict()["step_count"] == frozen["step_count"] + 6
+    other = cls(layout, hpcqn.serial_comm(), lr=0.05, **options)
+    other.load_state_dict(kept)
+    y = x.copy()
+    for _ in range(4):
+        other.step(y, 2 * y + rng.standard_normal(layout.n))
+    assert_same_state(kept, frozen)

@@ -90,11 +90,19 @@ def test_owner_memory_falls_with_rank_count(comm):
 
 
 def test_communication_is_one_reduce_scatter_and_one_allgatherv(comm):
-    """On one rank the gradient is used where it lies: no reduce_scatter (no copy)."""
+    """On one rank the gradient is used where it lies: no reduce_scatter (no copy).
+    Construction communicates nothing; the first step agrees the layout and the options
+    in one small reduction (one number for each, and the error flag), counted apart."""
     layout = BlockLayout.from_sizes([40, 30, 20, 10], comm.size)
     c = hpcqn.Communicator(comm.mpi_comm) if comm.size > 1 else hpcqn.serial_comm()
     opt = MLBFGS(layout, c, period=2, normalize_direction=False)
+    assert c.counters == {}
     x = np.ones(layout.n)
+    opt.step(x, quadratic_gradient(x))
+    assert c.counters["allreduce"].calls == 1
+    agreed = 1 + 3 + len(hpcqn.options.declared(MLBFGS))  # flag, class, layout, options
+    assert c.counters["allreduce"].nbytes == agreed * 8
+    c.reset_counters()
     scatters = 1 if comm.size > 1 else 0
     expected = {"reduce_scatter", "allgatherv"} if comm.size > 1 else {"allgatherv"}
     for step in range(1, 6):
@@ -108,14 +116,17 @@ def test_communication_is_one_reduce_scatter_and_one_allgatherv(comm):
         assert c.counters["reduce_scatter"].nbytes == 5 * (layout.n + comm.size) * itemsize
     assert c.counters["allgatherv"].nbytes == 5 * layout.counts[comm.rank] * itemsize
     # The default normalised direction adds one reduction of one number per step.
+    opt = MLBFGS(layout, c)
+    opt.step(x, quadratic_gradient(x))
     c.reset_counters()
-    MLBFGS(layout, c).step(x, quadratic_gradient(x))
+    opt.step(x, quadratic_gradient(x))
     assert {k: v.calls for k, v in c.counters.items()} == {
         **({"reduce_scatter": 1} if comm.size > 1 else {}), "allreduce": 1, "allgatherv": 1}
     assert c.counters["allreduce"].nbytes == 2 * itemsize  # error flag + the norm
     # With weight decay the gradient is modified, so even one rank copies it.
+    opt = MLBFGS(layout, c, weight_decay=0.1)
     c.reset_counters()
-    MLBFGS(layout, c, weight_decay=0.1).step(x, quadratic_gradient(x))
+    opt.step(x, quadratic_gradient(x))
     assert c.counters["reduce_scatter"].calls == 1
 
 
@@ -220,3 +231,60 @@ def test_resume_bitwise_and_elastic(comm, problem, method, tmp_path_factory):
     reference = train(problem, method, hpcqn.serial_comm(), 0, 1)
     np.testing.assert_allclose(alone.x, reference.x, rtol=1e-10,
                                atol=1e-10 * np.abs(reference.x).max())
+
+
+def rank_layout(comm, sizes_by_rank):
+    """A layout whose block sizes depend on the rank (a caller's bug)."""
+    return BlockLayout.from_sizes(sizes_by_rank[min(comm.rank, len(sizes_by_rank) - 1)],
+                                  comm.size)
+
+
+@pytest.mark.parametrize("cls", [MLBFGS, SGD, Adam])
+@pytest.mark.timeout(60)
+def test_a_layout_that_differs_between_ranks_is_an_error_on_every_rank(comm, cls):
+    """Each rank its own block sizes (same total length): before, every step was skipped
+    on every rank and x never moved (exit 0). Now the first step raises a ValueError on
+    every rank naming the layout and which ranks hold which, and x is untouched; the
+    same layout everywhere steps as before."""
+    if comm.size == 1:
+        pytest.skip("needs two ranks to differ")
+    layout = rank_layout(comm, [[30, 30, 40], [40, 30, 30]])
+    opt = cls(layout, comm, lr=0.1)
+    x = np.ones(layout.n)
+    with pytest.raises(ValueError, match=r"layout block sizes differs between ranks \(rank 0: "
+                                         r"\(30, 30, 40\); ranks? 1.*: \(40, 30, 30\)\)"):
+        opt.step(x, quadratic_gradient(x))
+    np.testing.assert_array_equal(x, np.ones(layout.n))
+    good = cls(BlockLayout.from_sizes([30, 30, 40], comm.size), comm, lr=0.1)
+    assert good.step(x, quadratic_gradient(x))
+    assert not np.array_equal(x, np.ones(layout.n))
+
+
+@pytest.mark.timeout(60)
+def test_an_option_that_differs_between_ranks_is_named(comm):
+    """normalize_direction on one rank only would add a reduction that the others never
+    join (a hang); history differing would change the direction. Both named."""
+    if comm.size == 1:
+        pytest.skip("needs two ranks to differ")
+    layout = BlockLayout.from_sizes([20, 20, 20], comm.size)
+    last = comm.rank == comm.size - 1
+    for option, value in (("normalize_direction", not last), ("history", 3 if last else 5)):
+        opt = MLBFGS(layout, comm, **{option: value})
+        x = np.ones(layout.n)
+        with pytest.raises(ValueError, match=f"option {option} differs between ranks"):
+            opt.step(x, quadratic_gradient(x))
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_gradient_on_one_rank_at_the_first_step_is_an_error_on_every_rank(comm):
+    """The first step's agreement carries a bad argument on any one rank: that rank
+    raises its own error, the others a RemoteRankError naming it (no hang)."""
+    if comm.size == 1:
+        pytest.skip("needs two ranks to differ")
+    layout = BlockLayout.from_sizes([20, 20, 20], comm.size)
+    opt = MLBFGS(layout, comm)
+    x = np.ones(layout.n)
+    g = quadratic_gradient(x)[: -1 if comm.rank == 1 else None]
+    expected = ValueError if comm.rank == 1 else hpcqn.RemoteRankError
+    with pytest.raises(expected, match="needs x and g of length 60"):
+        opt.step(x, g)

@@ -3,6 +3,8 @@ callback stops and the position in the data, through the drivers that use it."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from stops import StopAt
@@ -81,3 +83,30 @@ def test_sigint_sets_the_stop_flag_and_a_second_one_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_like_refuses_a_state_of_another_shape_naming_its_key(tmp_path):
+    """Driver.resume(like=...): every array and tensor of the state a run would save now
+    must be in the checkpoint with the same kind, shape and dtype (what only grows, an
+    optimizer's per-parameter entries, is not compared); else a CheckpointError naming
+    the key path. Read back through the hardened loader."""
+    from hpcqn.run import Driver
+
+    torch = pytest.importorskip("torch")
+
+    serial = hpcqn.serial_comm()
+    policy = CheckpointPolicy(tmp_path)
+    saved = {"x": np.zeros(4), "model": {"w": torch.zeros(2, 3)}, "optimizer": {"state": {}}}
+    Driver(serial, {"a": 1}, policy).save(5, {**saved, "optimizer": {"state": {0: np.ones(2)}}})
+    state = Driver(serial, {"a": 1}, policy).resume(like=lambda: saved)
+    assert state["optimizer"]["state"][0].shape == (2,)
+    cases = [({"x": np.zeros(5)}, "/x is an array of shape (4,) and dtype float64, this run "
+                                  "has an array of shape (5,)"),
+             ({"x": np.zeros(4, dtype=np.float32)}, "dtype float32"),
+             ({"model": {"w": torch.zeros(3, 2)}}, "/model/w is a tensor of shape (2, 3)"),
+             ({"model": {"w": np.zeros((2, 3))}}, "/model/w is a tensor"),
+             ({"model": {"v": torch.zeros(1)}}, "/model/v is missing"),
+             ({"x": {"y": np.zeros(1)}}, "/x is a ndarray, this run has a dict")]
+    for like, message in cases:
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            Driver(serial, {"a": 1}, policy).resume(like=lambda like=like: like)

@@ -37,14 +37,23 @@ every section and key, against a schema (:func:`schema`) made of the declaration
 code itself uses (:mod:`hpcqn.options`: the optimizers' and problems' ``OPTION_RULES``,
 and the job's own sections below). Types are strict (``epochs = 2.7``, ``true`` or
 ``"ten"`` are errors), and so are ranges, choices and unknown keys. A bad file is a
-:class:`JobError` naming the file and the key.
+:class:`JobError` naming the file and the key. The file must be a regular file (a FIFO
+or a device is refused, never read) of at most :data:`MAX_JOB_BYTES`, nested at most
+:data:`MAX_JOB_DEPTH` levels; and what it asks for must fit in this machine's memory
+(:func:`memory_needed`: the problem size and the optimizers' histories, estimated before
+anything is allocated).
 
 The run directory (next to ``--output``, default ``runs/<job name>/``) holds a copy of
 the job file (``job.toml``), metrics and checkpoints. While a run uses it, it holds
 ``lock`` (the host, pid and Slurm job id of that run); a second run on it is refused,
 a lock left by a run that died is taken over. A run that would resume checkpoints
 saved for a different job file is refused (naming the keys that differ) unless
-``--fresh``; a job whose methods all finished is reported as complete.
+``--fresh``; a job whose methods all finished is reported as complete. Everything in
+the run directory is read as the checkpoint loader reads (:func:`hpcqn.checkpoint.read_regular`,
+:func:`hpcqn.checkpoint.read_manifest`: regular files only, size limits, every field
+type-checked), and what the run will write there must be a regular file or absent: a
+FIFO, a device, a symlink or a damaged checkpoint is bad input (one line), not a hang or
+a traceback.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -82,6 +92,10 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 JOB_KINDS = ("minimize", "stochastic", "torch")
+MAX_JOB_BYTES = 1 << 20  # job files are a few hundred bytes
+MAX_JOB_DEPTH = 8  # [methods.NAME] key = [a, b] is 3 levels deep
+MAX_METRICS_BYTES = 256 << 20  # one JSON line per epoch
+MAX_LOCK_BYTES = 4096
 STOCHASTIC_PROBLEMS = {"digits_softmax": DigitsSoftmax}
 # What hpcqn.experiments.training.train supports besides its MODELS and DEVICES.
 TORCH_SCHEDULES = ("constant", "cosine")
@@ -299,32 +313,63 @@ def validate(config: Mapping[str, Any], path: str | Path = "job") -> dict[str, A
     return out
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read_bytes(path: Path, follow: bool = True) -> bytes:
+    """The bytes of job file ``path``: a regular file (through a symlink only when
+    ``follow``) of at most :data:`MAX_JOB_BYTES`, else a :class:`JobError`."""
     if path.is_dir():
         raise JobError(f"job file {path} is a directory, not a TOML file")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise JobError(f"job file {path} does not exist") from exc
-    except OSError as exc:
-        raise JobError(f"job file {path} cannot be read: {exc.strerror or exc}") from exc
+        return checkpoint.read_regular(path, MAX_JOB_BYTES, follow)
+    except checkpoint.CheckpointError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise JobError(f"job file {path} does not exist") from exc
+        raise JobError(f"job file: {exc}") from exc
+
+
+def _parse(path: Path, data: bytes) -> dict[str, Any]:
+    """A job file's bytes as TOML, nested at most :data:`MAX_JOB_DEPTH` levels."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise JobError(f"job file {path} is not UTF-8 text (byte {exc.start}: "
                        f"{data[exc.start:exc.start + 1]!r})") from exc
     try:
-        return tomllib.loads(text)
+        config = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise JobError(f"job file {path} is not valid TOML: {exc}") from exc
+    except RecursionError as exc:  # the parser recurses once per level of nesting
+        raise JobError(f"job file {path} nests arrays or tables more than "
+                       f"{MAX_JOB_DEPTH} levels deep") from exc
+    where = _too_deep(config)
+    if where is not None:
+        raise JobError(f"job file {path} nests arrays or tables more than {MAX_JOB_DEPTH} "
+                       f"levels deep (at {where})")
+    return config
 
 
-def _digest(path: Path) -> str:
+def _too_deep(config: Mapping[str, Any]) -> str | None:
+    """The dotted key of the first value nested deeper than :data:`MAX_JOB_DEPTH`."""
+    stack: list[tuple[str, Any, int]] = [(str(k), v, 1) for k, v in config.items()]
+    while stack:
+        name, value, depth = stack.pop()
+        if depth > MAX_JOB_DEPTH:
+            return name
+        if isinstance(value, dict):
+            stack.extend((f"{name}.{k}", v, depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{name}[{i}]", v, depth + 1) for i, v in enumerate(value))
+    return None
+
+
+def _read(path: Path, follow: bool = True) -> dict[str, Any]:
+    return _parse(path, _read_bytes(path, follow))
+
+
+def _digest(data: bytes | None, error: BaseException | None) -> str:
     """The SHA-256 of the job file's bytes (what ranks compare), or why it has none."""
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
+    if data is None:
+        return f"unreadable ({error})"
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def load_job(path: str | Path) -> dict[str, Any]:
@@ -332,6 +377,102 @@ def load_job(path: str | Path) -> dict[str, Any]:
     naming the file and the key otherwise."""
     path = Path(path)
     return validate(_read(path), path)
+
+
+# -- what a job needs of memory ------------------------------------------------------------
+# A floor on the vectors of the problem size each rank keeps besides the solver's history:
+# x0 (built whole on every rank), x, g, and the temporaries of one evaluation.
+PROBLEM_VECTORS = 4
+# Vectors of a torch model's size kept besides an mL-BFGS history: parameters, gradients,
+# the optimizer's state (momenta, factors) and the temporaries of a step.
+MODEL_VECTORS = 8
+
+
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (``SC_PHYS_PAGES * SC_PAGE_SIZE``), or
+    None where the system does not say."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+    return pages * size if pages > 0 and size > 0 else None
+
+
+def _history_bytes(history: int, sizes: list[int], itemsize: int) -> int:
+    """An mL-BFGS (or L-BFGS) history of ``history`` pairs over blocks of ``sizes``: the
+    2 m vectors of each block and its m x m products (``s.y``, ``y.y``; float64)."""
+    return sum(2 * history * size * itemsize + 2 * 8 * history * history for size in sizes)
+
+
+def _model_parameters(model: Mapping[str, Any], dtype: str) -> int:
+    """The parameter count of a torch job's model, built on torch's ``meta`` device (no
+    memory is allocated); a :class:`JobError` when not even that can be built."""
+    import torch
+
+    from .training import make_model
+
+    try:
+        with torch.device("meta"):
+            built = make_model(model["name"], model["hidden"], 0, getattr(torch, dtype))
+        return sum(int(p.numel()) for p in built.parameters())
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
+        raise JobError(f"[model] hidden = {model['hidden']}: the model cannot be built "
+                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
+
+
+def memory_needed(config: Mapping[str, Any], nranks: int = 1) -> tuple[int, str]:
+    """A floor on the bytes one rank of a checked job allocates, and the keys that set it
+    (``"[problem] n = 1000000, [options] history = 10"``): the problem-size vectors
+    (:data:`PROBLEM_VECTORS`, or :data:`MODEL_VECTORS` of a torch model's parameters) and
+    the largest method's history (:func:`_history_bytes`); methods train one after the
+    other. Nothing is allocated (a torch model is counted on the ``meta`` device)."""
+    kind = config["job"]["kind"]
+    methods: Mapping[str, Mapping[str, Any]] = config.get("methods", {})
+    if kind == "minimize":
+        problem, options = config["problem"], config.get("options", {})
+        n = int(problem.get("n", parameters(PROBLEMS[problem["name"]])[0]["n"].default))
+        itemsize = np.dtype(problem.get("dtype", "float64")).itemsize
+        history = int(options.get("history", LBFGSOptions.history))
+        local = -(-n // nranks)
+        total = (PROBLEM_VECTORS * n * itemsize
+                 + _history_bytes(history + 1, [local], itemsize))
+        return total, f"[problem] n = {n}, [options] history = {history}"
+    if kind == "stochastic":
+        problem = STOCHASTIC_PROBLEMS[config["problem"]["name"]]
+        itemsize = np.dtype(config["problem"].get("dtype", "float64")).itemsize
+        sizes = [problem.features] * problem.classes  # its blocks, one per class
+        base, keys = PROBLEM_VECTORS * sum(sizes) * itemsize, f"[problem] {problem.name}"
+    else:
+        itemsize = np.dtype(config["train"]["dtype"]).itemsize
+        count = _model_parameters(config["model"], config["train"]["dtype"])
+        sizes = [count]
+        base = MODEL_VECTORS * count * itemsize
+        keys = f"[model] {config['model']['name']} hidden = {config['model']['hidden']}"
+    largest, which = 0, ""
+    for method, options in methods.items():
+        if "history" in options:
+            need = _history_bytes(int(options["history"]), sizes, itemsize)
+            if need > largest:
+                largest, which = need, f", [methods.{method}] history = {options['history']}"
+    return base + largest, keys + which
+
+
+def _check_memory(path: Path, config: Mapping[str, Any], nranks: int) -> None:
+    """A :class:`JobError` when :func:`memory_needed` is more than this machine has."""
+    have = machine_memory()
+    if have is None:
+        return
+    try:
+        need, keys = memory_needed(config, nranks)
+    except JobError as exc:
+        raise JobError(f"{path}: {exc}") from exc
+    if need > have:
+        raise JobError(f"{path}: {keys} need at least {_gib(need)} of memory per rank; this "
+                       f"machine has {_gib(have)}: ask for less")
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
 
 
 def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -355,6 +496,7 @@ class RunDir:
 
     path: Path
     complete: bool = False
+    resumes_from: int | None = None  # the step of its newest checkpoint, if any
 
     @property
     def checkpoints(self) -> Path:
@@ -362,9 +504,15 @@ class RunDir:
 
 
 def _owner(lock: Path) -> dict[str, Any] | None:
+    """What a lock says (None: gone, or not JSON); a lock that is not a regular file (a
+    FIFO, a symlink) is a :class:`JobError`."""
     try:
-        owner = json.loads(lock.read_text())
-    except (OSError, ValueError):
+        owner = json.loads(checkpoint.read_regular(lock, MAX_LOCK_BYTES))
+    except checkpoint.CheckpointError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return None
+        raise JobError(f"run directory {lock.parent}: {exc}; remove it") from exc
+    except (ValueError, RecursionError):
         return None
     return owner if isinstance(owner, dict) else None
 
@@ -430,23 +578,34 @@ def take_lock(run_dir: Path) -> tuple[Path, str | None]:
     raise JobError(f"run directory {run_dir} is in use: cannot take {lock}")
 
 
-def _final_epochs(run: RunDir, config: Mapping[str, Any]) -> bool:
+def checkpoint_directories(run: RunDir, config: Mapping[str, Any]) -> list[Path]:
+    """The checkpoint directories a job uses: ``checkpoints/`` (a minimize job), else
+    ``checkpoints/<method>/`` per method."""
+    methods = config.get("methods")
+    return [run.checkpoints / m for m in methods] if methods else [run.checkpoints]
+
+
+def _manifests(run: RunDir, config: Mapping[str, Any]
+               ) -> dict[Path, checkpoint.Manifest | None]:
+    """The latest checkpoint's manifest in each of the job's checkpoint directories (None
+    where there is none), read with the loader's checks: a damaged or hostile directory
+    is a :class:`hpcqn.checkpoint.CheckpointError`."""
+    out = {}
+    for directory in checkpoint_directories(run, config):
+        if os.path.lexists(directory) and not directory.is_dir():
+            raise checkpoint.CheckpointError(f"{directory} is not a directory")
+        out[directory] = checkpoint.read_manifest(directory)
+    return out
+
+
+def _final_epochs(manifests: Mapping[Path, checkpoint.Manifest | None],
+                  config: Mapping[str, Any]) -> bool:
     """Whether every method of a stochastic or torch job has a checkpoint at its final
     epoch."""
-    methods = config.get("methods")
-    if not methods:
+    if not config.get("methods"):
         return False
-    for method in methods:
-        where = checkpoint.latest(run.checkpoints / method)
-        if where is None:
-            return False
-        try:
-            meta = json.loads((where / "manifest.json").read_text()).get("meta", {})
-        except (OSError, ValueError):
-            return False
-        if meta.get("epoch") != config["train"]["epochs"] or meta.get("batch", 0) != 0:
-            return False
-    return True
+    return all(m is not None and m.meta.get("epoch") == config["train"]["epochs"]
+               and m.meta.get("batch", 0) == 0 for m in manifests.values())
 
 
 def _refuse_changed(path: Path, config: Mapping[str, Any], run: RunDir) -> None:
@@ -454,13 +613,17 @@ def _refuse_changed(path: Path, config: Mapping[str, Any], run: RunDir) -> None:
     that differs from this job in a key that enters the saved state (the keys named,
     flat ``section.key``)."""
     saved = run.path / "job.toml"
-    if not saved.is_file():
-        return
     try:
-        old: Mapping[str, Any] = load_job(saved)
+        data = checkpoint.read_regular(saved, MAX_JOB_BYTES)
+    except checkpoint.CheckpointError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return
+        raise JobError(f"{path}: run directory {run.path}: {exc}") from exc
+    try:
+        old: Mapping[str, Any] = validate(_parse(saved, data), saved)
     except JobError:  # saved by another version: compare what it says
         try:
-            old = _read(saved)
+            old = _parse(saved, data)
         except JobError:
             old = {}
     changed = differences(old, config)
@@ -473,21 +636,64 @@ def _refuse_changed(path: Path, config: Mapping[str, Any], run: RunDir) -> None:
                        f"start over, or give another --output")
 
 
-def _prepare(path: Path, config: Mapping[str, Any], run: RunDir, fresh: bool) -> str | None:
-    """Rank 0: lock the run directory, check it against this job (unless ``fresh``),
-    then (only then) copy the job file in, and with ``fresh`` drop the checkpoints.
-    Returns a note to print, if any."""
+def _writable(file: Path, follow: bool = False) -> None:
+    """A :class:`JobError` unless ``file`` (which the run will write) is absent or a
+    regular file (not a FIFO, a device, a directory; nor a symlink unless ``follow``)."""
+    try:
+        info = os.stat(file, follow_symlinks=follow)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise JobError(f"cannot use {file}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise JobError(f"{file} is {checkpoint.describe_mode(info.st_mode)}, not a regular "
+                       f"file: remove it (the run writes it)")
+
+
+def _replace_file(file: Path, data: bytes) -> None:
+    """``data`` into ``file`` by a new file renamed over it: whatever ``file`` was (a
+    symlink, a FIFO) is replaced, never followed or opened."""
+    temporary = file.with_name(f".{file.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o644)
+    with os.fdopen(fd, "wb") as stream:
+        stream.write(data)
+    os.replace(temporary, file)
+
+
+def _remove(path: Path) -> None:
+    """``path`` gone, whatever it is (a symlink itself, not what it names)."""
+    if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _prepare(path: Path, data: bytes, config: Mapping[str, Any], run: RunDir, fresh: bool,
+             output: Path | None) -> str | None:
+    """Rank 0: lock the run directory, check it against this job (its checkpoints read
+    with the loader's checks, unless ``fresh``; the files the run writes regular or
+    absent), then (only then) copy the job file in (``data``, its bytes), and with
+    ``fresh`` drop the checkpoints. Returns a note to print, if any."""
     run.path.mkdir(parents=True, exist_ok=True)
     lock, note = take_lock(run.path)
     try:
-        has_checkpoints = run.checkpoints.is_dir() and any(
-            run.checkpoints.rglob(checkpoint.LATEST))
+        for method in config.get("methods") or {}:
+            _writable(run.path / f"{method}.jsonl")
+        if output is not None:
+            _writable(output, follow=True)
         if fresh:
-            shutil.rmtree(run.checkpoints, ignore_errors=True)
-        elif has_checkpoints:
-            _refuse_changed(path, config, run)
-            run.complete = _final_epochs(run, config)
-        (run.path / "job.toml").write_bytes(path.read_bytes())
+            _remove(run.checkpoints)
+        else:
+            manifests = _manifests(run, config)
+            steps = [m.step for m in manifests.values() if m is not None]
+            if steps:
+                _refuse_changed(path, config, run)
+                run.complete = _final_epochs(manifests, config)
+                run.resumes_from = max(steps)
+        _replace_file(run.path / "job.toml", data)
     except BaseException:
         lock.unlink(missing_ok=True)
         raise
@@ -496,18 +702,22 @@ def _prepare(path: Path, config: Mapping[str, Any], run: RunDir, fresh: bool) ->
 
 @contextlib.contextmanager
 def run_directory(path: str | Path, config: Mapping[str, Any], c: Communicator,
-                  output: str | Path | None = None, fresh: bool = False) -> Iterator[RunDir]:
+                  output: str | Path | None = None, fresh: bool = False,
+                  data: bytes | None = None) -> Iterator[RunDir]:
     """The run directory of a job (next to ``output``, default ``runs/<job name>``),
     prepared and locked by rank 0 (:func:`take_lock`) for the ``with`` block; every rank
     gets the same answer (an error is a :class:`JobError` on every rank). The lock goes
-    at the end, whatever happens."""
+    at the end, whatever happens. ``data``: the job file's bytes as read (else read
+    again)."""
     run = RunDir(Path(output).parent if output else Path("runs") / config["job"]["name"])
     verdict: tuple[str, Any] | None = None
     if c.rank == 0:
         try:
-            note = _prepare(Path(path), config, run, fresh)
-            verdict = ("ok", (note, run.complete))
-        except JobError as exc:
+            content = data if data is not None else _read_bytes(Path(path))
+            note = _prepare(Path(path), content, config, run, fresh,
+                            Path(output) if output else None)
+            verdict = ("ok", (note, run.complete, run.resumes_from))
+        except (JobError, checkpoint.CheckpointError) as exc:
             verdict = ("error", str(exc))
         except OSError as exc:
             verdict = ("error", f"{path}: cannot use run directory {run.path}: {exc}")
@@ -520,7 +730,7 @@ def run_directory(path: str | Path, config: Mapping[str, Any], c: Communicator,
         raise JobError(verdict[1])
     if verdict[0] == "failed":
         raise RuntimeError(f"rank 0 failed preparing {run.path}: {verdict[1]}")
-    note, run.complete = verdict[1]
+    note, run.complete, run.resumes_from = verdict[1]
     try:
         if c.rank == 0 and note:
             print(f"hpcqn run: note: {note}", file=sys.stderr, flush=True)
@@ -545,7 +755,9 @@ def _preempted(c: Communicator, base: dict[str, Any], exc: Preempted,
                method: str | None = None) -> dict[str, Any]:
     """The summary (and rank 0's line) of a run stopped by a signal."""
     where = f"{method}: " if method else ""
-    _say(c, f"hpcqn run: {where}{exc}; run the same command to resume (exit {EXIT_PREEMPTED})")
+    then = "resume" if exc.started else "continue"
+    _say(c, f"hpcqn run: {where}{exc}; run the same command to {then} (exit "
+            f"{EXIT_PREEMPTED})")
     summary = {**base, "status": EXIT_PREEMPTED}
     if method is None:
         summary["nit"] = exc.step
@@ -572,15 +784,17 @@ def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None
     with a checkpoint (summary status :data:`hpcqn.signals.EXIT_PREEMPTED`)."""
     path = Path(path)
     c: Communicator = get_comm(comm)
-    config, error = None, None
+    config, data, error = None, None, None
     try:
-        config = load_job(path)
+        data = _read_bytes(path)
+        config = validate(_parse(path, data), path)
+        _check_memory(path, config, c.size)
     except JobError as exc:
         error = exc
     # Every rank must run the same job: its file's digest is agreed (a bad file on any
     # rank is an error on every rank, in the same reduction).
     try:
-        c.check_same({"content": _digest(path)}, f"{path}: the job file", error)
+        c.check_same({"content": _digest(data, error)}, f"{path}: the job file", error)
     except ValueError as exc:
         if isinstance(exc, JobError):
             raise
@@ -589,8 +803,8 @@ def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None
     prepare = {"torch": _prepare_torch, "stochastic": _prepare_stochastic,
                "minimize": _prepare_minimize}[config["job"]["kind"]]
     job = prepare(path, config, c)
-    with run_directory(path, config, c, output, fresh) as run:
-        summary = job(run, stop)
+    with run_directory(path, config, c, output, fresh, data) as run:
+        summary = _stopped_before_start(c, config, run, stop) or job(run, stop)
         if c.rank == 0 and output is not None:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(summary, indent=2) + "\n")
@@ -598,6 +812,23 @@ def run_job(path: str | Path, comm: Any = None, output: str | Path | None = None
 
 
 Job = Callable[[RunDir, Any], dict[str, Any]]
+
+
+def _stopped_before_start(c: Communicator, config: Mapping[str, Any], run: RunDir,
+                          stop: Any) -> dict[str, Any] | None:
+    """The summary of a run signalled during its start-up (reading the job, MPI and torch
+    starting, the data, the run directory): the ranks agree on their stop flags once
+    before the job starts (one small reduction), and when any rank was signalled, every
+    rank stops here, before any step and with nothing written but the run directory's
+    ``job.toml`` (rank 0 prints one line; :data:`hpcqn.signals.EXIT_PREEMPTED`). None:
+    no signal, run the job. A signal after this is caught at the next step boundary."""
+    if stop is None:
+        return None
+    signum = stop.signum
+    if c.allreduce_named(maxes={"signal": float(signum is not None)}).maxes["signal"] == 0:
+        return None
+    stopped = Preempted(run.resumes_from, signum, started=False)
+    return _preempted(c, {"job": config["job"]["name"], "ranks": c.size}, stopped)
 
 
 def _try_build(path: Path, method: str, build: Callable[[], Any]) -> None:
@@ -736,13 +967,51 @@ def _prepare_minimize(path: Path, config: dict[str, Any], c: Communicator) -> Jo
 
 def _resumed_records(metrics: Path, checkpoints: Path) -> list[dict[str, Any]]:
     """The per-epoch records of a run that resumes from ``checkpoints``: the metrics
-    file's lines up to the checkpoint's epoch (later lines were not kept)."""
-    where = checkpoint.latest(checkpoints)
-    if where is None or not metrics.exists():
+    file's lines up to the checkpoint's epoch (later lines were not kept). Both read as
+    the loader reads (a regular file, a size limit, every value checked); a damaged one
+    is a :class:`JobError` naming it."""
+    manifest = checkpoint.read_manifest(checkpoints)
+    if manifest is None or not os.path.lexists(metrics):
         return []
-    epoch = json.loads((where / "manifest.json").read_text())["meta"].get("epoch", 0)
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    epoch = manifest.meta.get("epoch", 0)
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise JobError(f"{manifest.path}/{checkpoint.MANIFEST}: meta field 'epoch' must be "
+                       f"an integer, got {epoch!r}")
+    try:
+        text = checkpoint.read_regular(metrics, MAX_METRICS_BYTES).decode("utf-8")
+    except checkpoint.CheckpointError as exc:
+        raise JobError(str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise JobError(f"metrics file {metrics} is not UTF-8 text") from exc
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if (not isinstance(record, dict) or isinstance(record.get("epoch"), bool)
+                or not isinstance(record.get("epoch"), int)):
+            raise JobError(f"metrics file {metrics} line {number} is not a JSON object with "
+                           f"an integer 'epoch': remove the file or run with --fresh")
+        records.append(record)
     return [r for r in records if r["epoch"] <= epoch]
+
+
+def _agreed_records(c: Communicator, metrics: Path, checkpoints: Path) -> list[dict[str, Any]]:
+    """:func:`_resumed_records` read by rank 0 (which rewrites the file next) and given to
+    every rank; a :class:`JobError` on every rank when it cannot be read."""
+    answer: tuple[str, Any] | None = None
+    if c.rank == 0:
+        try:
+            answer = ("ok", _resumed_records(metrics, checkpoints))
+        except (JobError, checkpoint.CheckpointError) as exc:
+            answer = ("error", str(exc))
+    answer = c.bcast_object(answer)
+    if answer[0] == "error":
+        raise JobError(answer[1])
+    return answer[1]
 
 
 def _prepare_stochastic(path: Path, config: dict[str, Any], c: Communicator) -> Job:
@@ -783,9 +1052,7 @@ def _prepare_stochastic(path: Path, config: dict[str, Any], c: Communicator) -> 
         for method, options in methods.items():
             checkpoints = run_dir.checkpoints / method
             metrics = run_dir.path / f"{method}.jsonl"
-            # Rank 0 reads them (it rewrites the file next): every rank gets its records.
-            done = c.bcast_object(_resumed_records(metrics, checkpoints) if c.rank == 0
-                                  else None)
+            done = _agreed_records(c, metrics, checkpoints)
             record: dict[str, Any] = {"epochs": done, "steps_to_target": None}
             for r in done:
                 if record["steps_to_target"] is None and r["train_loss"] <= target:

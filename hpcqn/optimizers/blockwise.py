@@ -16,7 +16,19 @@ only its segment of ``x`` and of the (already global) gradient: the step is loca
 for one small reduction that agrees on skipping.
 
 Optimizer state exists only for owned blocks, keyed by block id, as plain arrays and
-numbers (:meth:`state_dict`), so memory per rank falls as ``1/P``.
+numbers (:meth:`state_dict`, a snapshot: copies), so memory per rank falls as ``1/P``.
+
+The first step begins with one small reduction (:meth:`hpcqn.Communicator.check_same`)
+that agrees the class, the layout (block sizes and owners), the mode and every option
+given at construction on every rank: a rank whose layout or options differ would send
+and expect other segments in the step's ``reduce_scatter`` (every step skipped, or wrong
+blocks updated), so that is a ``ValueError`` on every rank naming what differs, before
+anything moves; a bad ``x`` or ``g`` on any one rank travels in the same reduction. It is
+made at the first step, not in the constructor, because callers agree their own inputs
+between the two (:func:`hpcqn.minimize_stochastic` does, in one reduction that a rank
+whose options failed to check still joins; a constructor that communicated would meet it
+there); ``agreed=True`` skips it for a caller that agreed the layout and the options
+already (:class:`hpcqn.torch.MLBFGS`, in its own reduction).
 
 With a :class:`~hpcqn.timing.PhaseTimer` set (``opt.timer``), the collectives of a step
 (steps 2 and 4; in mode ``"sharded"`` the skip reduction), the division by ``P`` and, in
@@ -26,7 +38,7 @@ mode ``"replicated"``, the copies into and out of the rank-major order are timed
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import options
@@ -52,7 +64,7 @@ class BlockOptimizer:
         "weight_decay": Rule("float", low=0.0),
         "mode": Rule("str", choices=MODES),
     }
-    NOT_OPTIONS = ("layout", "comm")
+    NOT_OPTIONS = ("layout", "comm", "agreed", "settings")
 
     def __init__(
         self,
@@ -61,7 +73,14 @@ class BlockOptimizer:
         lr: Schedule = 0.1,
         weight_decay: float = 0.0,
         mode: str = "replicated",
+        *,
+        agreed: bool = False,
+        settings: Mapping[str, Any] | None = None,
     ):
+        """``settings``: a subclass's constructor arguments (its ``locals()``), checked
+        here (:func:`hpcqn.options.validate`) and agreed at the first step with the
+        rest; ``agreed=True``: the caller agreed them on every rank already (see the
+        module docstring)."""
         self.comm: Communicator = get_comm(comm)
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -70,7 +89,13 @@ class BlockOptimizer:
                 f"layout was made for {layout.nranks} ranks but the communicator has "
                 f"{self.comm.size}; build it with BlockLayout.from_sizes(sizes, comm.size)"
             )
-        options.validate(self, locals())
+        given = options.validate(self, {**(settings or {}), "lr": lr,
+                                        "weight_decay": weight_decay, "mode": mode})
+        # What the first step agrees on (None: nothing left to agree).
+        self._unagreed: dict[str, Any] | None = None if agreed else {
+            "class": type(self).__qualname__, "layout block sizes": layout.sizes,
+            "layout block owners": layout.owners,
+            **{f"option {name}": value for name, value in given.items()}}
         self.layout = layout
         self.mode = mode
         self.lr = lr
@@ -134,11 +159,25 @@ class BlockOptimizer:
         if x.dtype != g.dtype:
             raise TypeError(f"x and g must have one dtype, got {x.dtype} and {g.dtype}")
 
+    def _agree_once(self, error: BaseException | None) -> None:
+        """At the first step: the layout and options agreed on every rank (one small
+        reduction carrying this rank's ``error``); later: ``error`` raised here alone."""
+        if self._unagreed is not None:
+            self.comm.check_same(self._unagreed, f"hpcqn.{type(self).__qualname__}", error)
+            self._unagreed = None
+        elif error is not None:
+            raise error
+
     def step(self, x: Any, g: Any) -> bool:
         """One optimizer step; updates ``x`` in place. Returns False when the step was
         skipped because some rank's gradient was not finite (then nothing changed)."""
-        self._check(x, g)
-        namespace(x, g)  # raises unless both live in one namespace
+        error: BaseException | None = None
+        try:
+            self._check(x, g)
+            namespace(x, g)  # raises unless both live in one namespace
+        except (TypeError, ValueError) as exc:
+            error = exc
+        self._agree_once(error)
         finite = all_finite(g)
         if self.mode == "replicated":
             return self._step_replicated(x, g, finite)
@@ -168,8 +207,10 @@ class BlockOptimizer:
         place) and ``send`` this rank's gradient in rank-major order with one flag slot
         after each rank's segment (:meth:`BlockLayout.to_rank_major` with
         ``flag_slots=True``, then :meth:`write_flags`); ``send`` is not modified.
-        Communication: one reduce_scatter of ``send``, one in-place allgatherv of ``x``.
+        Communication: one reduce_scatter of ``send``, one in-place allgatherv of ``x``
+        (and, at the first step, the agreement of the module docstring).
         """
+        self._agree_once(None)
         layout, comm = self.layout, self.comm
         count = layout.counts[self.rank]
         with phase(self.timer, "communication"):

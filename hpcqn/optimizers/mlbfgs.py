@@ -64,7 +64,10 @@ def _materialise(state: State, scale_key: str, names: tuple[str, ...]) -> None:
 
 
 class MLBFGS(BlockOptimizer):
-    """mL-BFGS over a :class:`~hpcqn.layout.BlockLayout`; ``step(x, g)`` updates ``x``."""
+    """mL-BFGS over a :class:`~hpcqn.layout.BlockLayout`; ``step(x, g)`` updates ``x``.
+    The layout and the options are agreed on every rank at the first step (a
+    ``ValueError`` on every rank naming what differs; see
+    :mod:`hpcqn.optimizers.blockwise`)."""
 
     OPTION_RULES = {
         "history": Rule("int", low=1), "period": Rule("int", low=1),
@@ -99,9 +102,12 @@ class MLBFGS(BlockOptimizer):
         normalize_direction: bool = True,
         direction_momentum: float = 0.9,
         min_cos: float = 0.2,
+        *,
+        agreed: bool = False,
     ):
-        options.validate(self, locals())
-        super().__init__(layout, comm, lr=lr, weight_decay=weight_decay, mode=mode)
+        # Checked here, agreed on every rank at the first step: see BlockOptimizer.
+        super().__init__(layout, comm, lr=lr, weight_decay=weight_decay, mode=mode,
+                         agreed=agreed, settings=locals())
         self.history, self.period, self.beta = int(history), int(period), float(beta)
         self.pair_damping = float(pair_damping)
         self.sigma_l, self.sigma_h = float(sigma_l), float(sigma_h)
