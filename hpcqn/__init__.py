@@ -6,6 +6,18 @@ Layers (each imports only from those above it): ``backend`` (array namespace),
 (``minimize``, the command line).
 """
 
+import os as _os
+import sys as _sys
+
+if (_sys.orig_argv[1:3] == ["-m", "hpcqn"]
+        or _os.path.basename(_sys.argv[0]) == "hpcqn"):  # pragma: no branch
+    # The hpcqn command (python -m hpcqn, or its script): a SIGTERM or Ctrl-C from here on
+    # is a stop that `hpcqn run` agrees on at its start (exit 3), also while NumPy, SciPy
+    # and torch load (hpcqn.signals imports nothing heavy).
+    from .signals import install_early_stop
+
+    install_early_stop()
+
 from .comm import Communicator, RemoteRankError, abort_on_failure, get_comm, serial_comm
 from .layout import BlockLayout, SliceLayout, gather_global
 from .minimize import Minimizer, minimize, scipy_lbfgs

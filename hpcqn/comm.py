@@ -693,7 +693,12 @@ def install_exit_abort(c: Communicator) -> None:
         _abort_everyone(c, stop)
 
     def exit(status: Any = None) -> None:  # noqa: A001 - sys.exit's own name
-        _EXIT_GUARD["status"] = status
+        handling = sys.exc_info()[1]
+        # an exit every rank makes together (after exit_agreed(), or while handling an
+        # error every rank raised, such as hpcqn.signals.Preempted) is no lone failure
+        alone = not _EXIT_GUARD.get("agreed") and not (handling is not None
+                                                        and is_agreed(handling))
+        _EXIT_GUARD["status"] = status if alone else None
         previous_exit(status)
 
     sys.excepthook = excepthook
@@ -702,15 +707,19 @@ def install_exit_abort(c: Communicator) -> None:
 
 
 def exit_agreed() -> None:
-    """Say that this process's coming exit, whatever its status, was agreed by every rank
-    (the ``hpcqn`` command returns only agreed codes): no abort at exit."""
+    """Say that this process's coming exit, whatever its status, is agreed by every rank
+    (the ``hpcqn`` command returns only agreed codes): no abort at exit, unless a
+    collective follows (the program went on)."""
     _EXIT_GUARD["status"] = None
+    _EXIT_GUARD["agreed"] = True
 
 
 def _collective_made() -> None:
-    """A collective ran after a ``sys.exit``: that exit was caught, not the process's."""
-    if _EXIT_GUARD.get("status") is not None:
+    """A collective ran after a ``sys.exit`` (that exit was caught, not the process's) or
+    after :func:`exit_agreed` (the program went on)."""
+    if _EXIT_GUARD.get("status") is not None or _EXIT_GUARD.get("agreed"):
         _EXIT_GUARD["status"] = None
+        _EXIT_GUARD["agreed"] = False
 
 
 def _abort_after_failed_exit() -> None:

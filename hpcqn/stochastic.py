@@ -160,7 +160,7 @@ def minimize_stochastic(
             "dtype": str(x.dtype)},
         CheckpointPolicy(checkpoint_dir, checkpoint_every, keep, resume), stop,
         meta={"kind": "minimize_stochastic"})
-    saved = driver.resume()
+    saved = driver.resume(like=lambda: {"x": x})
     if saved is not None:
         x[...] = namespace(x).asarray(saved["x"])
         optimizer.load_state_dict(saved["optimizer"])

@@ -196,6 +196,14 @@ def faulty(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated on rank 1 at step 30)")
     return original(*args, **kwargs)
 training.loss_of = faulty
+if fault == "metrics" and rank == 0:  # the disk fills up under rank 0's metrics file
+    import pathlib
+    opened = pathlib.Path.open
+    def full(self, mode="r", *args, **kwargs):
+        if self.name == "sgd.jsonl" and mode == "a":
+            raise OSError(28, "No space left on device (simulated)", str(self))
+        return opened(self, mode, *args, **kwargs)
+    pathlib.Path.open = full
 sys.exit(main(["run", sys.argv[1], "--output", sys.argv[3]]))
 """
 
@@ -215,11 +223,12 @@ def test_out_of_memory_on_one_rank_inside_hpcqn_run_exits_4(tmp_path):
 def test_rank_0_failing_to_write_its_metrics_stops_every_rank(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text(JOB)
-    (tmp_path / "run" / "sgd.jsonl").mkdir(parents=True)  # rank 0 cannot write its metrics
-    out, seconds = launch(2, RUN_WITH_FAULT, str(job), "none", str(tmp_path / "run" / "s.json"))
+    out, seconds = launch(2, RUN_WITH_FAULT, str(job), "metrics", str(tmp_path / "run" /
+                                                                      "s.json"))
     assert seconds < LIMIT, out.stderr
     assert out.returncode in (4, 9), out.stdout + out.stderr  # 9: see the test above
-    assert "IsADirectoryError" in out.stderr and out.stderr.count("hpcqn: rank 0 of 2") == 1
+    assert "No space left on device (simulated)" in out.stderr
+    assert out.stderr.count("hpcqn: rank 0 of 2") == 1
 
 
 @pytest.mark.timeout(120)

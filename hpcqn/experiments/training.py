@@ -210,7 +210,7 @@ def train(
     seconds, step, first_epoch, skip = 0.0, 0, 0, 0
     driver = Driver(comm, config, CheckpointPolicy(checkpoint_dir, checkpoint_every, keep,
                                                    resume), stop, meta={"method": method})
-    saved = driver.resume()
+    saved = driver.resume(like=lambda: {"model": model.state_dict()})
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])

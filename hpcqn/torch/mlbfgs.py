@@ -201,7 +201,9 @@ class MLBFGS(conventions.CopyableOptimizer, torch.optim.Optimizer):
         self._attach([grouped[b] for b in self.block_ids], layout)
         check_same_parameters([self.flat_param], self.comm, options=agreed,
                               model=model_description(params), what=WHAT)
-        self.core = CoreMLBFGS(layout, self.comm, lr=float(lr), weight_decay=weight_decay,
+        # agreed=True: the layout and the options were agreed just above
+        self.core = CoreMLBFGS(layout, self.comm, agreed=True, lr=float(lr),
+                               weight_decay=weight_decay,
                                **core_options)
         self.core.kernels = TORCH_KERNELS
 
