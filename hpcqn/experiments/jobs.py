@@ -29,8 +29,10 @@ compares them (see ``jobs/logreg_mlbfgs.toml``)::
     [methods.sgd]
     lr = 0.3
 
-``kind = "torch"`` trains a torch model on the digits once per method (``[model]``,
-``[train]``, ``[methods.NAME]``; see ``jobs/digits_mlp.toml``).
+``kind = "torch"`` trains a torch model once per method (``[model]``, ``[train]``,
+``[methods.NAME]``): on the digits an MLP, a CNN or an autoencoder (see
+``jobs/digits_mlp.toml``), or on Python's standard-library source the character
+transformer ``charlm`` (see ``jobs/charlm.toml``).
 
 A job file is checked entirely before any work starts and before anything is written:
 every section and key, against a schema (:func:`schema`) made of the declarations the
@@ -136,7 +138,10 @@ def _torch_sections() -> tuple[dict[str, Option], dict[str, Option]]:
                   ("target_loss", 0.02, Rule("float", low=0.0)),
                   ("device", "auto", Rule("str", choices=training.DEVICES)))
     model = _spec(("name", "mlp", Rule("str", choices=training.MODELS)),
-                  ("hidden", 128, POSITIVE))
+                  ("hidden", 128, POSITIVE),
+                  # the character transformer's windows and corpus (charlm only)
+                  ("context", training.CONTEXT, Rule("int", low=2)),
+                  ("max_chars", 0, COUNT))
     return train, model
 # [options] of a minimize job: hpcqn.minimize's own, plus how often to checkpoint.
 MINIMIZE_EXTRA = _spec(("checkpoint_every", 0, COUNT))
@@ -413,7 +418,8 @@ def _model_parameters(model: Mapping[str, Any], dtype: str) -> int:
 
     try:
         with torch.device("meta"):
-            built = make_model(model["name"], model["hidden"], 0, getattr(torch, dtype))
+            built = make_model(model["name"], model["hidden"], 0, getattr(torch, dtype),
+                               model["context"])
         return sum(int(p.numel()) for p in built.parameters())
     except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
         raise JobError(f"[model] hidden = {model['hidden']}: the model cannot be built "
@@ -844,40 +850,45 @@ def _try_build(path: Path, method: str, build: Callable[[], Any]) -> None:
 
 
 def _prepare_torch(path: Path, config: dict[str, Any], c: Communicator) -> Job:
-    """Train the digits model once per method; per-epoch lines on rank 0; in the run
+    """Train the model once per method; per-epoch lines on rank 0; in the run
     directory a copy of the job file, one metrics file (JSON lines) per method and
     ``checkpoints/<method>/``. Every method's optimizer is built once here first, so
     that an option no declaration can reject alone fails before any training."""
     import torch
 
     from ..torch.data import GlobalBatches
-    from .training import digits, make_model, train
+    from .training import TASKS, load_data, make_model, train
 
     model, train_options = config["model"], config["train"]
     methods = config["methods"]
     name = model["name"]
     dtype = getattr(torch, train_options["dtype"])
     registry = torch_methods()
+    data = {"context": model["context"], "max_chars": model["max_chars"]}
     try:
-        GlobalBatches(digits(train_options["seed"])["train_y"].numel(),
+        GlobalBatches(load_data(name, train_options["seed"], **data)["train_y"].shape[0],
                       train_options["batch_size"], c)
     except ValueError as exc:
-        raise JobError(f"{path}: [train]: {exc}") from exc
+        raise JobError(f"{path}: [train]/[model]: {exc}") from exc
     for method, options in methods.items():
         _try_build(path, method, lambda m=method, o=options: registry.make(
-            m, make_model(name, model["hidden"], 0, dtype), c, o, f"{path}: [methods.{m}]"))
+            m, make_model(name, model["hidden"], 0, dtype, model["context"]), c, o,
+            f"{path}: [methods.{m}]"))
 
-    # The target: test accuracy for the classifiers, training loss for the autoencoder.
-    if name == "autoencoder":
-        metric, target = "train_loss", float(train_options["target_loss"])
-        reached_target = lambda r: r["train_loss"] <= target  # noqa: E731
+    # The target: test accuracy for the classifiers, training loss for the autoencoder,
+    # held-out loss for the language model.
+    if TASKS[name] in ("reconstruct", "language"):
+        metric = "train_loss" if TASKS[name] == "reconstruct" else "test_loss"
+        target = float(train_options["target_loss"])
+        reached_target = lambda r: r[metric] <= target  # noqa: E731
     else:
         metric, target = "test_accuracy", float(train_options["target_accuracy"])
         reached_target = lambda r: r["test_accuracy"] >= target  # noqa: E731
     base = {"job": config["job"]["name"], "model": name, "ranks": c.size}
 
     def run(run_dir: RunDir, stop: Any) -> dict[str, Any]:
-        _say(c, f"hpcqn run: job {config['job']['name']!r}: digits {name} on {c.size} "
+        what = "Python's source" if name == "charlm" else "digits"
+        _say(c, f"hpcqn run: job {config['job']['name']!r}: {what} {name} on {c.size} "
                 f"rank(s), batch {train_options['batch_size']}; metrics in {run_dir.path}/")
         results: dict[str, Any] = {}
         for method, options in methods.items():
@@ -890,7 +901,7 @@ def _prepare_torch(path: Path, config: dict[str, Any], c: Communicator) -> Job:
                             hidden=model["hidden"],
                             checkpoint_dir=run_dir.checkpoints / method,
                             checkpoint_every=train_options["checkpoint_every"],
-                            stop=stop, device=_device(train_options))
+                            stop=stop, device=_device(train_options), **data)
             except Preempted as exc:
                 return _preempted(c, base, exc, method)
             except (TypeError, ValueError) as exc:

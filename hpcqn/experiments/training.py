@@ -55,28 +55,30 @@ def digits(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch
             "test_x": images[test], "test_y": labels[test]}
 
 
-def load_data(model_name: str, seed: int = 0, dtype: torch.dtype = torch.float32
-              ) -> dict[str, torch.Tensor]:
+def load_data(model_name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+              context: int = CONTEXT, max_chars: int = 0) -> dict[str, torch.Tensor]:
     """The data set of a model: :func:`digits` (split by ``seed``), or for ``charlm`` the
-    character windows of :func:`hpcqn.experiments.charlm.text_windows` (codes, int64)."""
+    windows of ``context`` characters of :func:`hpcqn.experiments.charlm.text_windows`
+    (codes, int64) from the corpus's first ``max_chars`` characters (0: all of it)."""
     if model_name == "charlm":
         from .charlm import text_windows
 
-        return text_windows(CONTEXT)
+        return text_windows(context, max_chars or None)
     return digits(seed, dtype)
 
 
 def make_model(name: str, hidden: int = 128, seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> nn.Module:
+               dtype: torch.dtype = torch.float32, context: int = CONTEXT) -> nn.Module:
     """``mlp``: 64 -> hidden -> hidden -> 10 (ReLU); ``cnn``: two 3x3 convolutions (16,
     32 channels) and a linear classifier; ``autoencoder``: 64 -> hidden -> 16 -> hidden
     -> 64 (tanh, sigmoid output); ``charlm``: the character transformer of
-    :mod:`hpcqn.experiments.charlm`, ``hidden`` wide, two blocks of four heads."""
+    :mod:`hpcqn.experiments.charlm`, ``hidden`` wide, two blocks of four heads, on windows
+    of ``context`` characters."""
     torch.manual_seed(seed)
     if name == "charlm":
         from .charlm import CharTransformer
 
-        return CharTransformer(width=hidden, layers=2, heads=4, context=CONTEXT).to(dtype)
+        return CharTransformer(width=hidden, layers=2, heads=4, context=context).to(dtype)
     if name == "mlp":
         model = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
                               nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
@@ -175,6 +177,8 @@ def train(
     resume: bool = True,
     stop: StopFlag | None = None,
     device: str = "cpu",
+    context: int = CONTEXT,
+    max_chars: int = 0,
 ) -> dict[str, Any]:
     """Train one model with one method; rank 0 prints a line per epoch and writes one
     JSON line per epoch to ``metrics_path``. Returns the per-epoch records.
@@ -195,9 +199,12 @@ def train(
               "options": check(methods.options_of(method), dict(options or {}), method),
               "epochs": int(epochs), "batch_size": int(batch_size), "seed": int(seed),
               "dtype": str(dtype), "lr_schedule": lr_schedule, "hidden": int(hidden)}
+    if model_name == "charlm":
+        config.update(context=int(context), max_chars=int(max_chars))
     where = select_device(device, comm)
-    data = {key: value.to(where) for key, value in load_data(model_name, seed, dtype).items()}
-    model = make_model(model_name, hidden, seed, dtype).to(where)
+    data = {key: value.to(where)
+            for key, value in load_data(model_name, seed, dtype, context, max_chars).items()}
+    model = make_model(model_name, hidden, seed, dtype, context).to(where)
     if where.type != "cpu" and comm.rank == 0 and log:
         print(f"{method:7s} on {where} (rank 0; each rank uses its own local device)",
               flush=True)
@@ -205,7 +212,7 @@ def train(
     optimizer = methods.make(method, model, comm, options or {})
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
                  if lr_schedule == "cosine" else None)
-    batches = GlobalBatches(data["train_y"].numel(), batch_size, comm, seed=seed)
+    batches = GlobalBatches(data["train_y"].shape[0], batch_size, comm, seed=seed)
     records: list[dict[str, Any]] = []
     seconds, step, first_epoch, skip = 0.0, 0, 0, 0
     driver = Driver(comm, config, CheckpointPolicy(checkpoint_dir, checkpoint_every, keep,
