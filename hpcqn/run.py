@@ -70,12 +70,24 @@ def flatten(config: Mapping[str, Any], prefix: str = "",
     return out
 
 
-def differences(saved: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
-    """The keys whose values differ (or that only one side has), as ``key: old -> new``."""
+def differences(saved: Mapping[str, str], current: Mapping[str, str],
+                extendable: Iterable[str] = ()) -> list[str]:
+    """The keys whose values differ (or that only one side has), as ``key: old -> new``;
+    a key of ``extendable`` (a length of the run: epochs, an iteration limit) whose whole
+    number only grew is no difference: the run continues to the new length."""
     keys = sorted(set(saved) | set(current))
     missing = "(not set)"
     return [f"{k}: {saved.get(k, missing)} -> {current.get(k, missing)}"
-            for k in keys if saved.get(k) != current.get(k)]
+            for k in keys if saved.get(k) != current.get(k)
+            and not (k in extendable and _grew(saved.get(k), current.get(k)))]
+
+
+def _grew(old: Any, new: Any) -> bool:
+    """Whether two shown values are whole numbers and the second is at least the first."""
+    try:
+        return int(str(new)) >= int(str(old))
+    except ValueError:
+        return False
 
 
 class Driver:
@@ -85,9 +97,12 @@ class Driver:
 
     def __init__(self, comm: Communicator, config: Mapping[str, Any],
                  policy: CheckpointPolicy | None = None, stop: Any = None,
-                 meta: Mapping[str, Any] | None = None):
+                 meta: Mapping[str, Any] | None = None, extendable: Iterable[str] = ()):
         self.comm = comm
         self.config = flatten(config)
+        # keys of config that may grow between a checkpoint and its resumption (the run's
+        # length: its epochs, its iteration limit)
+        self.extendable = tuple(extendable)
         self.policy = policy or CheckpointPolicy()
         self.stop = stop
         self.meta = dict(meta or {})
@@ -145,7 +160,7 @@ class Driver:
                 f"{saved.path} was saved on {saved.nranks} rank(s), this run has "
                 f"{self.comm.size}: {same_ranks}")
         else:
-            changed = differences(state.get("config", {}), self.config)
+            changed = differences(state.get("config", {}), self.config, self.extendable)
             if changed:
                 error = checkpoint.CheckpointError(
                     f"{saved.path} was saved for another configuration ({'; '.join(changed)})"

@@ -10,10 +10,11 @@ import math
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from procs import MPIEXEC, ROOT, hpcqn
+from procs import ENV, MPIEXEC, ROOT, hpcqn
 
 from hpcqn.cli import run_command
 from hpcqn.comm import serial_comm
@@ -384,3 +385,44 @@ def test_fuzz_loader_accepts_or_raises_job_error(tmp_path):
         assert set(config) <= set(SECTIONS[config["job"]["kind"]])
 
     check()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_raising_epochs_continues_a_finished_torch_job(tmp_path, schedule):
+    """A finished job run again with more epochs continues from its last checkpoint: with a
+    constant rate it ends where a job planned with the larger count ends, step for step;
+    with a cosine schedule the added epochs follow the cosine of the new count. Lowering
+    the count, or changing anything else, is still refused."""
+    pytest.importorskip("torch")
+    text = (ROOT / "jobs" / "digits_mlp.toml").read_text()
+    text = text[: text.index("[methods.sgd]")].replace("hidden = 128", "hidden = 16")
+    text = text.replace('lr_schedule = "cosine"', f'lr_schedule = "{schedule}"')
+
+    def run(epochs, name, extra=""):
+        job = tmp_path / f"{name}.toml"
+        job.write_text(text.replace("epochs = 15", f"epochs = {epochs}") + extra)
+        return subprocess.run([sys.executable, "-m", "hpcqn", "run", str(job), "--output",
+                               str(tmp_path / name / "summary.json")], capture_output=True,
+                              text=True, timeout=240, cwd=tmp_path, env=ENV)
+
+    assert run(2, "short").returncode == 0
+    longer = run(3, "short")  # the same run directory, one epoch more
+    assert longer.returncode == 0, longer.stderr
+    assert "resumed from" in longer.stdout
+    records = [json.loads(line) for line in
+               (tmp_path / "short" / "mlbfgs.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    planned = run(3, "planned")
+    assert planned.returncode == 0
+    reference = [json.loads(line) for line in
+                 (tmp_path / "planned" / "mlbfgs.jsonl").read_text().splitlines()]
+    if schedule == "constant":
+        assert [r["train_loss"] for r in records] == [r["train_loss"] for r in reference]
+    else:  # the first two epochs were planned for 2, the third follows the cosine of 3
+        assert records[-1]["train_loss"] != reference[-1]["train_loss"]
+    shorter = run(2, "short")
+    assert shorter.returncode == 2 and "train.epochs 3 -> 2" in shorter.stderr, shorter.stderr
+    text = text.replace("lr = 0.3", "lr = 0.2")  # another key changed: refused as before
+    changed = run(4, "short")
+    assert changed.returncode == 2 and "methods.mlbfgs.lr" in changed.stderr, changed.stderr

@@ -50,7 +50,10 @@ the job file (``job.toml``), metrics and checkpoints. While a run uses it, it ho
 ``lock`` (the host, pid and Slurm job id of that run); a second run on it is refused,
 a lock left by a run that died is taken over. A run that would resume checkpoints
 saved for a different job file is refused (naming the keys that differ) unless
-``--fresh``; a job whose methods all finished is reported as complete. Everything in
+``--fresh``, except a length that grew (:data:`EXTENDABLE`: ``[train] epochs``,
+``[options] maxiter`` and ``maxfun``): the finished or stopped run then continues from
+its last checkpoint to the new length (a cosine schedule continues as the cosine of the
+new epoch count). A job whose methods all finished is reported as complete. Everything in
 the run directory is read as the checkpoint loader reads (:func:`hpcqn.checkpoint.read_regular`,
 :func:`hpcqn.checkpoint.read_manifest`: regular files only, size limits, every field
 type-checked), and what the run will write there must be a regular file or absent: a
@@ -149,6 +152,9 @@ SECTIONS = {"minimize": ("job", "problem", "options"),
             "stochastic": ("job", "problem", "train", "methods"),
             "torch": ("job", "model", "train", "methods")}
 # Keys that may change between a run and its resumption (they do not enter the saved state).
+# The lengths of a run that may grow between a run and its resumption: raising one
+# continues a finished or stopped run from its last checkpoint to the new length.
+EXTENDABLE = ("train.epochs", "options.maxiter", "options.maxfun")
 RESUMABLE_CHANGES = ("job.name", "job.description", "train.device", "train.checkpoint_every",
                      "train.target_gap", "train.target_accuracy", "train.target_loss",
                      "options.checkpoint_every", "options.disp")
@@ -488,10 +494,13 @@ def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The ``section.key`` names whose values differ between two job configurations
-    (sorted; a key in one only counts), less :data:`RESUMABLE_CHANGES`."""
+    (sorted; a key in one only counts), less :data:`RESUMABLE_CHANGES` and the
+    :data:`EXTENDABLE` lengths that only grew."""
     a, b = _flat(old), _flat(new)
     return sorted(k for k in set(a) | set(b)
-                  if k not in RESUMABLE_CHANGES and a.get(k, None) != b.get(k, None))
+                  if k not in RESUMABLE_CHANGES and a.get(k, None) != b.get(k, None)
+                  and not (k in EXTENDABLE and isinstance(a.get(k), int)
+                           and isinstance(b.get(k), int) and b[k] >= a[k]))
 
 
 # -- the run directory --------------------------------------------------------------------

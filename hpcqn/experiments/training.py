@@ -215,14 +215,21 @@ def train(
     batches = GlobalBatches(data["train_y"].shape[0], batch_size, comm, seed=seed)
     records: list[dict[str, Any]] = []
     seconds, step, first_epoch, skip = 0.0, 0, 0, 0
+    # a checkpoint of fewer epochs continues to the new count (the run is lengthened)
     driver = Driver(comm, config, CheckpointPolicy(checkpoint_dir, checkpoint_every, keep,
-                                                   resume), stop, meta={"method": method})
+                                                   resume), stop, meta={"method": method},
+                    extendable=("epochs",))
     saved = driver.resume(like=lambda: {"model": model.state_dict()})
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
+            if scheduler.T_max != epochs:  # lengthened: the cosine of the new epoch count
+                scheduler.T_max = epochs
+                for group, lr in zip(optimizer.param_groups,
+                                     scheduler._get_closed_form_lr(), strict=True):
+                    group["lr"] = lr
         _set_rng_state(saved["rng"])
         records, seconds, step = list(saved["records"]), float(saved["seconds"]), saved["step"]
         first_epoch, skip = int(saved["epoch"]), int(saved["batch"])
