@@ -121,7 +121,7 @@ def test_subspace_direction_equals_dense_reduced_newton_step(history_length, n_b
         for part, h in zip(parts, halves, strict=True):
             s_row, y_row = part.pair_rows(slot)
             s_row[:], y_row[:] = s[h], y[h]
-            part.set_binding(binding[h])
+            part.set_free(~binding[h])
             products = products + part.local_products(slot, g_free[h])
         for part in parts:
             assert part.absorb(products, slot, EPS)
@@ -139,3 +139,40 @@ def test_subspace_direction_equals_dense_reduced_newton_step(history_length, n_b
         assert parts[0].dot_g(deltas[0]) == pytest.approx(d @ g, rel=1e-9)
         assert parts[0].gradient_norm2(products) == pytest.approx(g_free @ g_free, rel=1e-12)
         assert parts[0].fallbacks == 0
+
+
+def test_blocked_products_equal_one_product():
+    """Past two blocks the products run block by block: the same numbers as one GEMM."""
+    from hpcqn.curvature.gram_history import PRODUCT_BLOCK, row_products
+
+    rng = np.random.default_rng(2)
+    for n in (10, 2 * PRODUCT_BLOCK + 1, 3 * PRODUCT_BLOCK + 17):
+        rows, columns = rng.standard_normal((12, n)), rng.standard_normal((5, n))
+        np.testing.assert_allclose(row_products(rows, columns), rows @ columns.T,
+                                   rtol=1e-12, atol=1e-12 * n)
+
+
+@pytest.mark.parametrize("n", [40, 3 * 4096 + 5])
+def test_free_table_updates_equal_products_over_the_free_set(n):
+    """The bounded history's table of products over the free variables, updated from the
+    variables that entered or left the free set (and recomputed now and then), equals
+    the products of the stored rows restricted to the current free set."""
+    rng = np.random.default_rng(8)
+    history = SubspaceHistory(n, 3, np, np.float64)
+    free = np.ones(n, dtype=bool)
+    for step in range(12):
+        flips = rng.choice(n, 3 if step % 4 else n // 2, replace=False)  # few, then many
+        free[flips] = ~free[flips]
+        s = rng.standard_normal(n)
+        y = 2.0 * s + 0.1 * rng.standard_normal(n)
+        slot = history.free_slot()
+        s_row, y_row = history.pair_rows(slot)
+        s_row[:], y_row[:] = s, y
+        history.set_free(free.copy())
+        g = np.where(free, rng.standard_normal(n), 0.0)
+        products = history.local_products(slot, g)
+        assert history.absorb(products, slot, EPS)
+        rows = history._rows_for(slot)
+        part = history.vectors[:rows][:, free]
+        np.testing.assert_allclose(history.free_products[:rows, :rows], part @ part.T,
+                                   rtol=1e-10, atol=1e-10 * n)

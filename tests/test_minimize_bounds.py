@@ -549,3 +549,44 @@ def test_float32_with_float64_bounds():
     assert res.success and res.x.dtype == np.float32 and res.nactive == 50
     assert np.all(res.x[0::2] == np.float32(0.8))
     np.testing.assert_allclose(res.x[1::2], 0.64, atol=1e-3)
+
+
+def test_box_kernels_match_their_definitions():
+    """The Box's fused kernels against the definitions written out elementwise: L-BFGS-B's
+    projected gradient (``max(x - hi, g)`` where ``g < 0``, ``min(x - lo, g)`` elsewhere;
+    infinite sides, a fixed variable and a NaN included), the held set and the free
+    gradient, ``P_F d``, the projected path's derivative and the count at a bound."""
+    from hpcqn.optimizers.bounds import parse_bounds
+
+    rng = np.random.default_rng(4)
+    n = 400
+    lo = rng.uniform(-1.0, 0.0, n)
+    hi = lo + rng.uniform(0.0, 2.0, n)
+    lo[:40], hi[40:80] = -np.inf, np.inf
+    hi[80:90] = lo[80:90]  # fixed variables
+    x = np.clip(rng.uniform(-1.5, 1.5, n), lo, hi)  # many at a bound
+    x[100:120] = lo[100:120]
+    x[120:140] = np.where(np.isfinite(hi[120:140]), hi[120:140], 0.0)
+    g, d = rng.standard_normal(n), rng.standard_normal(n)
+    box = parse_bounds((lo, hi), x)
+
+    pg = np.where(g < 0, np.maximum(x - hi, g), np.minimum(x - lo, g))
+    assert box.projected_gradient_inf(x, g) == np.abs(pg).max()
+    with_nan = g.copy()
+    with_nan[7] = np.nan
+    assert np.isnan(box.projected_gradient_inf(x, with_nan))
+
+    box.classify(x, g)
+    held = ((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0))
+    np.testing.assert_array_equal(box.free, ~held)
+    np.testing.assert_array_equal(box.free_gradient(g, np.empty(n)), np.where(held, 0.0, g))
+    leaving = ((x <= lo) & (d < 0)) | ((x >= hi) & (d > 0))
+    np.testing.assert_array_equal(box.restrict(d.copy()), np.where(held | leaving, 0.0, d))
+    assert box.nactive() == np.count_nonzero((x <= lo) | (x >= hi))
+
+    trial = x + 0.3 * d
+    box.project(trial)
+    np.testing.assert_array_equal(trial, np.clip(x + 0.3 * d, lo, hi))
+    inside = (trial > lo) & (trial < hi)
+    np.testing.assert_array_equal(box.path_direction(trial, d, np.empty(n)),
+                                  np.where(inside, d, 0.0))

@@ -49,15 +49,18 @@ def test_same_iterates_on_any_rank_count(comm, name, n):
                                          ("quadratic", 301, 1e-7)])
 def test_sensitive_problems_on_any_rank_count(comm, name, n, gtol):
     """Curved valleys (Rosenbrock, Wood) and a condition number of 1e4 amplify the
-    rounding differences between rank counts into slightly different paths (measured:
-    up to 10 iterations of 36 for Rosenbrock on 3 ranks, 20 of 870 for the quadratic).
-    Every rank count still reaches the closed-form minimiser."""
+    rounding differences between rank counts into slightly different paths. The spread
+    is that of rounding itself, not of the rank count: on ONE rank, starts one ulp away
+    from x0 take 45 to 55 iterations for Rosenbrock where x0 itself takes 36 (the
+    trajectories agree to 1e-9 for 27 iterations, then a line-search decision flips),
+    and 3 or 4 ranks take 48. The count may differ by that spread (60%); every rank
+    count reaches the closed-form minimiser."""
     problem = make_problem(name, n=n)
     fun, x0 = problem.distributed(comm)
     options = {**OPTIONS, "gtol": gtol, "gather_x": True}
     res = hpcqn.minimize(fun, x0, comm=comm, options=options)
     ref = reference(problem, {**options, "gather_x": False})
-    assert res.success and abs(res.nit - ref.nit) <= 0.3 * ref.nit
+    assert res.success and abs(res.nit - ref.nit) <= 0.6 * ref.nit
     tolerance = 1e-6 if name == "quadratic" else 1e-5  # f stalls on rounding near there
     assert relative_error(res.x_global, problem.solution()) <= tolerance
     assert relative_error(ref.x, problem.solution()) <= tolerance

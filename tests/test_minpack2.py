@@ -140,8 +140,8 @@ def test_row_blocks_sum_to_the_whole():
     v = x.reshape(6, 5)
     f_ref, g_ref = problem.fun_and_grad(x)
     zero = np.zeros(5)
-    f1, g1 = problem._rows(v[:2].ravel(), zero, v[2], False)
-    f2, g2 = problem._rows(v[2:].ravel(), v[1], zero, True)
+    f1, g1 = problem.block(v[:2].ravel(), zero, v[2], False)
+    f2, g2 = problem.block(v[2:].ravel(), v[1], zero, True)
     assert f1 + f2 == pytest.approx(f_ref, rel=1e-13)
     np.testing.assert_allclose(np.concatenate([g1, g2]), g_ref, rtol=1e-13, atol=1e-16)
 
@@ -155,3 +155,42 @@ def test_bad_arguments():
         Obstacle(3).distributed(hpcqn.serial_comm(), rows=[2])
     with pytest.raises(ValueError, match="unknown problem"):
         make("bearing", 3)
+
+
+@pytest.mark.parametrize("module", ["minpack2", "mgh"])
+def test_objective_modules_load_by_path_with_numpy_only(module):
+    """The TAO comparison (benchmarks/tao_solve.py) runs outside hpcqn's environment and
+    loads these files by path: they must need nothing but NumPy at load time, and give
+    the objectives hpcqn's problems give."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(hpcqn.__file__).parent / "experiments" / f"{module}.py"
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('alone', {str(path)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['alone'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "loaded = sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in "
+        "('hpcqn', 'scipy', 'mpi4py', 'h5py'))\n"
+        "assert not loaded, loaded\n"
+        "import numpy as np\n"
+        "if hasattr(module, 'make'):\n"
+        "    p = module.make('obstacle', 6)\n"
+        "    print(repr(p.fun_and_grad(p.x0())[0]))\n"
+        "else:\n"
+        "    print(repr(module.FUNCTIONS['extended_wood'](module.start('extended_wood', 8))[0]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    if module == "minpack2":
+        problem = make("obstacle", 6)
+        expected = problem.fun_and_grad(problem.x0())[0]
+    else:
+        from hpcqn.experiments.problems import make_problem
+
+        problem = make_problem("extended_wood", n=8)
+        expected = problem.value_and_grad(problem.x0())[0]
+    assert float(done.stdout) == expected

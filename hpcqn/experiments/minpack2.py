@@ -34,6 +34,12 @@ communicator (uneven splits allowed; a rank may own no row) and returns a callba
 exchanges one halo row with each neighbouring rank (``Sendrecv`` on the underlying
 mpi4py communicator; no MPI at all on one rank).
 
+The module imports nothing but NumPy at load time (hpcqn's communicator and layout only
+inside :meth:`Membrane.distributed` and :meth:`Membrane.layout`), so that a script outside
+hpcqn's environment can load this file by path and evaluate the same objective: the
+TAO comparison (``benchmarks/tao_solve.py``, NumPy and petsc4py only) calls
+:meth:`Membrane.block` with its own halo exchange.
+
 Source: B. M. Averick, R. G. Carter, J. J. Moré and G.-L. Xue, "The MINPACK-2 test
 problem collection", Argonne preprint MCS-P153-0692 (1992).
 """
@@ -44,9 +50,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-
-from ..comm import get_comm
-from ..layout import SliceLayout
 
 Fun = Callable[[Any], tuple[float, np.ndarray]]
 Local = tuple[Fun, np.ndarray, np.ndarray, np.ndarray]  # (fun, x0, lo, hi) of this rank
@@ -101,7 +104,7 @@ class Membrane:
         raise NotImplementedError
 
     # -- the objective -----------------------------------------------------------------
-    def _rows(self, x: Any, below: np.ndarray, above: np.ndarray,
+    def block(self, x: Any, below: np.ndarray, above: np.ndarray,
               last: bool) -> tuple[float, np.ndarray]:
         """This block of whole grid rows' part of ``f`` and its gradient, given the grid
         row just below the block and the one just above (zeros at the boundary).
@@ -138,17 +141,21 @@ class Membrane:
         if v.shape != (self.n,):
             raise ValueError(f"{self.name}: v must have shape ({self.n},), got {v.shape}")
         zero = np.zeros(self.nx)
-        return self._rows(v, zero, zero, True)
+        return self.block(v, zero, zero, True)
 
     # -- distribution ----------------------------------------------------------------
     def row_counts(self, nranks: int) -> tuple[int, ...]:
         """Grid rows per rank for an even split (the first ``ny % nranks`` ranks one more;
         ranks beyond ``ny`` none)."""
+        from ..layout import SliceLayout
+
         return SliceLayout.even(self.ny, nranks).counts
 
-    def layout(self, nranks: int, rows: Sequence[int] | None = None) -> SliceLayout:
+    def layout(self, nranks: int, rows: Sequence[int] | None = None) -> Any:
         """The :class:`~hpcqn.layout.SliceLayout` of the unknown for ``rows`` grid rows
         per rank (default :meth:`row_counts`)."""
+        from ..layout import SliceLayout
+
         counts = tuple(int(r) for r in (self.row_counts(nranks) if rows is None else rows))
         if len(counts) != nranks or sum(counts) != self.ny or min(counts) < 0:
             raise ValueError(f"{self.name}: rows {counts} do not split {self.ny} grid rows "
@@ -162,6 +169,8 @@ class Membrane:
         summed over ranks the objective. ``fun`` is collective among the ranks that own
         rows: each sends its bottom row to the previous such rank and its top row to
         the next one (two ``Sendrecv``); a rank with no row returns ``(0.0, [])``."""
+        from ..comm import get_comm
+
         c = get_comm(comm)
         layout = self.layout(c.size, rows)
         counts = [count // self.nx for count in layout.counts]
@@ -199,7 +208,7 @@ class Membrane:
                              recvbuf=below, source=down, recvtag=TAG_UP)
                 mpi.Sendrecv(v[0], dest=down, sendtag=TAG_DOWN,
                              recvbuf=above, source=up, recvtag=TAG_DOWN)
-            return self._rows(x, below, above, following is None)
+            return self.block(x, below, above, following is None)
 
         return fun, x0, lo, hi
 

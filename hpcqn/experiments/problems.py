@@ -8,6 +8,9 @@ quadratic) split at group boundaries and evaluate locally with no communication;
 coupled ones (Broyden tridiagonal, logistic regression split by features) communicate
 inside the callback, as a simulation code would.
 
+The separable functions' values, gradients and starts live in :mod:`hpcqn.experiments.mgh`
+(NumPy only, for scripts outside hpcqn's environment).
+
 Sources: Moré, Garbow and Hillstrom, "Testing unconstrained optimization software",
 ACM TOMS 7 (1981), problems 21, 22, 30 and 14 (extended Rosenbrock, extended Powell
 singular, Broyden tridiagonal, Wood, extended to n variables by repeating blocks).
@@ -25,6 +28,7 @@ from ..comm import get_comm, serial_comm
 from ..layout import SliceLayout
 from ..minimize import minimize
 from ..options import Option, Rule, declared
+from . import mgh
 
 Fun = Callable[[Any], tuple[float, Any]]
 Local = tuple[Fun, np.ndarray]  # (callback, this rank's slice of x0)
@@ -93,73 +97,38 @@ class Problem:
         return fun, x0
 
 
-class ExtendedRosenbrock(Problem):
+class _Separable(Problem):
+    """One of :mod:`hpcqn.experiments.mgh`'s functions (its value, gradient and start)."""
+
+    def x0(self) -> np.ndarray:
+        return mgh.start(self.name, self.n, self.dtype)
+
+    def value_and_grad(self, x: Any) -> tuple[float, Any]:
+        return mgh.FUNCTIONS[self.name](x)
+
+
+class ExtendedRosenbrock(_Separable):
     """sum_i 100 (x_2i - x_2i-1^2)^2 + (1 - x_2i-1)^2, from (-1.2, 1, ...); minimiser 1."""
 
     name, group = "extended_rosenbrock", 2
-
-    def x0(self) -> np.ndarray:
-        x = np.ones(self.n, dtype=self.dtype)
-        x[0::2] = -1.2
-        return x
-
-    def value_and_grad(self, x: Any) -> tuple[float, Any]:
-        odd, even = x[0::2], x[1::2]
-        t = even - odd * odd
-        u = 1.0 - odd
-        g = x.copy()  # same namespace, dtype and shape
-        g[0::2] = -400.0 * t * odd - 2.0 * u
-        g[1::2] = 200.0 * t
-        return float(100.0 * (t @ t) + u @ u), g
 
     def solution(self) -> np.ndarray:
         return np.ones(self.n, dtype=self.dtype)
 
 
-class ExtendedPowell(Problem):
+class ExtendedPowell(_Separable):
     """Powell's singular function repeated: minimiser 0, singular Hessian there."""
 
     name, group = "extended_powell", 4
-
-    def x0(self) -> np.ndarray:
-        return np.tile(np.array([3.0, -1.0, 0.0, 1.0], dtype=self.dtype), self.n // 4)
-
-    def value_and_grad(self, x: Any) -> tuple[float, Any]:
-        x1, x2, x3, x4 = x[0::4], x[1::4], x[2::4], x[3::4]
-        a, b, c, d = x1 + 10 * x2, x3 - x4, x2 - 2 * x3, x1 - x4
-        f = a @ a + 5 * (b @ b) + (c * c) @ (c * c) + 10 * ((d * d) @ (d * d))
-        g = x.copy()
-        g[0::4] = 2 * a + 40 * d**3
-        g[1::4] = 20 * a + 4 * c**3
-        g[2::4] = 10 * b - 8 * c**3
-        g[3::4] = -10 * b - 40 * d**3
-        return float(f), g
 
     def solution(self) -> np.ndarray:
         return np.zeros(self.n, dtype=self.dtype)
 
 
-class ExtendedWood(Problem):
+class ExtendedWood(_Separable):
     """Wood's function repeated over groups of four, from (-3, -1, -3, -1); minimiser 1."""
 
     name, group = "extended_wood", 4
-
-    def x0(self) -> np.ndarray:
-        return np.tile(np.array([-3.0, -1.0, -3.0, -1.0], dtype=self.dtype), self.n // 4)
-
-    def value_and_grad(self, x: Any) -> tuple[float, Any]:
-        x1, x2, x3, x4 = x[0::4], x[1::4], x[2::4], x[3::4]
-        t1, t2 = x2 - x1 * x1, x4 - x3 * x3
-        f = (
-            100 * (t1 @ t1) + (1 - x1) @ (1 - x1) + 90 * (t2 @ t2) + (1 - x3) @ (1 - x3)
-            + 10.1 * ((x2 - 1) @ (x2 - 1) + (x4 - 1) @ (x4 - 1)) + 19.8 * ((x2 - 1) @ (x4 - 1))
-        )
-        g = x.copy()
-        g[0::4] = -400 * t1 * x1 - 2 * (1 - x1)
-        g[1::4] = 200 * t1 + 20.2 * (x2 - 1) + 19.8 * (x4 - 1)
-        g[2::4] = -360 * t2 * x3 - 2 * (1 - x3)
-        g[3::4] = 180 * t2 + 20.2 * (x4 - 1) + 19.8 * (x2 - 1)
-        return float(f), g
 
     def solution(self) -> np.ndarray:
         return np.ones(self.n, dtype=self.dtype)

@@ -173,33 +173,32 @@ class LBFGS:
         whether any rank has bounds. Its layout never depends on the options, so ranks
         that disagree on options (or failed to parse them) still meet in it; the
         fingerprint of the options and of ``f`` (with ``fun_global``) is checked for
-        equality across ranks here."""
+        equality across ranks here: each such value travels as ``v`` and ``-v`` in the
+        maxima, and the ranks agree when ``max(v) == -max(-v)``."""
         self.nreductions += 1
         finite = math.isfinite(f)
         global_f = self.opt.fun_global
-        reduced = self.comm.allreduce_named(
-            sums={"f": 0.0 if global_f else f, "gd": gd, "gg": gg, "gd0": gd0},
-            maxes={"ginf": ginf, "f_not_finite": 0.0 if finite else 1.0,
-                   "bounded": 1.0 if bounded else 0.0},
-            same={"f": f if global_f and finite else 0.0, "options": fingerprint[0],
-                  "itemsize": fingerprint[1]},
-            error=error,
-        )
-        if "options" in reduced.differ or "itemsize" in reduced.differ:
+        same_f = f if global_f and finite else 0.0
+        options, itemsize = fingerprint
+        sums, maxes = self.comm.allreduce_scalars(
+            (0.0 if global_f else f, gd, gg, gd0),
+            (ginf, 0.0 if finite else 1.0, 1.0 if bounded else 0.0, same_f, -same_f,
+             options, -options, itemsize, -itemsize),
+            error)
+        if maxes[5] != -maxes[6] or maxes[7] != -maxes[8]:
             raise ValueError(
                 "minimize was called with different options, x0 dtypes or inner/H0 "
                 "arguments on different ranks; every rank must pass the same ones"
             )
-        not_finite = reduced.maxes["f_not_finite"] > 0
-        if not not_finite and "f" in reduced.differ:  # only compared when every f is finite
-            values = reduced.per_rank["f"]
+        not_finite = maxes[1] > 0
+        if not not_finite and maxes[3] != -maxes[4]:  # only compared when every f is finite
             raise FunctionError(
                 f"option fun_global is set but fun returned different values on "
-                f"different ranks (from {min(values)!r} to {max(values)!r})"
+                f"different ranks (from {-float(maxes[4])!r} to {float(maxes[3])!r})"
             )
-        f_total = max(reduced.per_rank["f"]) if global_f else reduced.sums["f"]
-        return (math.nan if not_finite else f_total, reduced.maxes["ginf"], reduced.sums["gd"],
-                reduced.sums["gg"], reduced.sums["gd0"], reduced.maxes["bounded"] > 0)
+        f_total = float(maxes[3]) if global_f else float(sums[0])
+        return (math.nan if not_finite else f_total, float(maxes[0]), float(sums[1]),
+                float(sums[2]), float(sums[3]), maxes[2] > 0)
 
     def fail_setup(self, error: BaseException) -> None:
         """This rank could not start (bad options or x0): meet the other ranks in the
@@ -223,31 +222,37 @@ class LBFGS:
         """Yield ``x``, take its evaluation (``g`` into ``g_out``) and make ONE reduction.
         Returns the global ``f``, the global max-norm of ``g`` (of the projected gradient
         with bounds; NaN when any part of ``f`` or ``g`` is not finite), ``<g, d>``, the
-        gradient's squared norm (0 unless asked for), the summed ``gd0`` and whether any
-        rank has bounds. An error in the evaluation on any rank raises on all."""
+        gradient's squared norm (0 unless asked for; with bounds, of the free gradient at
+        ``x``, which this classifies), the summed ``gd0`` and whether any rank has bounds.
+        An error in the evaluation on any rank raises on all."""
         self.nfev += 1
         told = yield x
         f, ginf, gd, gg, error = math.nan, math.nan, 0.0, 0.0, None
+        box = self.box
         try:
             # A non-finite f or g is an answer the line search backs out of; the caller's
             # NumPy error mode (np.seterr(invalid="raise")) must not make it an error here.
             with np.errstate(invalid="ignore", over="ignore"):
                 f = self._take(told, x, g_out)
-                if self.box is not None:
-                    ginf = self.box.projected_gradient_inf(x, g_out)
-                else:
-                    ginf = float(abs(g_out).max()) if g_out.size else 0.0  # NaN if g has one
                 if g_out.size:
-                    gd = self.history.dot(g_out, d) if d is not None else 0.0
+                    if box is not None:
+                        ginf = box.projected_gradient_inf(x, g_out)
+                    else:  # NaN when g has one: then both extremes are NaN
+                        ginf = max(float(g_out.max()), -float(g_out.min()))
+                    if d is not None:
+                        gd = self.history.dot(g_out, d)
                     if with_gg:
-                        if self.box is not None:
-                            gg = self.history.gradient_part(self.box.free_gradient(x, g_out,
-                                                                                  self._gf))
+                        if box is not None:
+                            box.classify(x, g_out)
+                            gg = self.history.gradient_part(box.free_gradient(g_out,
+                                                                              self._gf))
                         else:
                             gg = self.history.gradient_part(g_out)
+                else:
+                    ginf = 0.0
         except BaseException as exc:  # KeyboardInterrupt too: every rank learns of it below
             error = exc
-        bounded = self.box is not None and self.box.bounds_something
+        bounded = box is not None and box.bounds_something
         return self._reduce(f, gd, gg, ginf, error, fingerprint, gd0, bounded)
 
     def _check_metric(self, gg: float) -> None:
@@ -279,7 +284,7 @@ class LBFGS:
         (``x0`` then fixes the shape and dtype, and its evaluation only checks that every
         rank can start)."""
         opt = self.opt
-        xp = namespace(x0)
+        xp = self._xp = namespace(x0)
         self._start_time = time.perf_counter()
         n_local = x0.shape[0]
         self.x = xp.array(x0, copy=True)
@@ -336,7 +341,8 @@ class LBFGS:
         self.x[...] = xp.asarray(saved["x"])
         self.g[...] = xp.asarray(saved["g"])
         if self.box is not None:
-            self.box.free_gradient(self.x, self.g, self._gf)
+            self.box.classify(self.x, self.g)
+            self.box.free_gradient(self.g, self._gf)
         self.history.load_state_dict(saved["history"])
         self.f, self.ginf, self.gg, self.g0norm = (saved["f"], saved["ginf"], saved["gg"],
                                                    saved["g0norm"])
@@ -359,7 +365,7 @@ class LBFGS:
         accepted; its ``flags`` (named maxima) and ``error`` travel in the iteration's
         closing reduction, and the agreed flags are returned (empty when the line search
         ended or restarted the iteration)."""
-        opt, xp, history, box = self.opt, namespace(self.x), self.history, self.box
+        opt, xp, history, box = self.opt, self._xp, self.history, self.box
         x, g, direction = self.x, self.g, self._direction
         x_trial, g_trial = self._x_trial, self._g_trial
         delta = history.direction_coefficients()
@@ -372,7 +378,7 @@ class LBFGS:
         history.combine(delta, self._gf, direction)
         gd0 = 0.0
         if box is not None:  # P_F d; its slope is reduced with the first trial
-            box.restrict(x, g, direction)
+            box.restrict(direction)
             gd0 = float(g @ direction) if g.size else 0.0
         if len(history):
             stp = 1.0
@@ -438,12 +444,12 @@ class LBFGS:
             if box is None:
                 self._gf = self.g
             else:
-                binding = box.binding(self.x, self.g)
-                box.free_gradient(self.x, self.g, self._gf, binding)
-                history.set_binding(binding)
+                box.classify(self.x, self.g)
+                box.free_gradient(self.g, self._gf)
+                history.set_free(box.free)
             local = history.local_products(slot, self._gf)
             if box is not None:
-                local = np.append(local, box.nactive(self.x))
+                local = np.append(local, box.nactive())
         except BaseException as exc:  # H0 or inner failed here: every rank raises
             error = error or exc
             local = np.zeros(history.products_size(slot) + (box is not None))  # never read
