@@ -23,7 +23,14 @@ from . import backend
 from .comm import get_comm, serial_comm
 from .layout import gather_global
 from .optimizers.bounds import parse_bounds
-from .optimizers.lbfgs import CALLBACK_STOP, LBFGS, FunctionError, LBFGSOptions
+from .optimizers.lbfgs import (
+    CALLBACK_STOP,
+    LBFGS,
+    LIMIT,
+    SUCCESS,
+    FunctionError,
+    LBFGSOptions,
+)
 from .options import check, declared
 from .run import CheckpointPolicy, Driver
 
@@ -166,11 +173,16 @@ class Minimizer:
                   "metric": {"inner": inner is not None, "H0": H0 is not None}}
         policy = CheckpointPolicy(checkpoint_dir, checkpoint_every, keep, resume)
         # Signals stop a run only where a checkpoint can be written.
+        # A checkpoint of a run with lower limits continues to the new ones
         self._driver = Driver(c, config, policy, stop if checkpoint_dir is not None else None,
-                              meta={"kind": "minimize"})
+                              meta={"kind": "minimize"},
+                              extendable=("options.maxiter", "options.maxfun"))
         saved = self._driver.resume(same_ranks="minimize resumes on the same rank count (the "
-                                               "unknown's slices belong to the callback)")
+                                               "unknown's slices belong to the callback)",
+                                    like=lambda: {"solver": {"x": x0}})
         self._state = None if saved is None else saved["solver"]
+        # how a resumed run ended, when its checkpoint is its last (None: it had not)
+        self._ended = None if saved is None else saved.get("ended")
         self._callback = _scipy_style(callback)
         self._x0 = x0
         self._steps: Generator[Any, Any, None] | None = None
@@ -189,6 +201,10 @@ class Minimizer:
             return driver.flags(), driver.error()
 
         yield from solver.start_steps(self._x0, self._state)
+        ended = self._ended
+        if ended is not None and not (ended["status"] == LIMIT and (
+                self.options.maxiter > ended["maxiter"] or self.options.maxfun > ended["maxfun"])):
+            solver.stop(ended["status"], ended["message"])  # a finished run, not lengthened
         while solver.status is None:
             agreed = yield from solver.iterate_steps(boundary)
             if not agreed:  # the line search ended or restarted the iteration
@@ -199,6 +215,16 @@ class Minimizer:
                 else:
                     driver.settle(agreed, solver.nit, lambda: {"solver": solver.state_dict()},
                                   nit=solver.nit)
+        if driver.checkpointing and solver.status in (SUCCESS, LIMIT):
+            # The end, checkpointed: the same run again ends here at once (a run directory
+            # of a finished job says so), and with a larger maxiter or maxfun continues.
+            # (A run a callback stopped, or whose line search failed, resumes from its
+            # last checkpoint as before.)
+            ended = {"status": int(solver.status), "message": solver.message,
+                     "maxiter": int(self.options.maxiter), "maxfun": int(self.options.maxfun)}
+            driver.save(solver.nit, {"solver": solver.state_dict(), "ended": ended},
+                        nit=solver.nit, final=True, status=ended["status"],
+                        maxiter=ended["maxiter"], maxfun=ended["maxfun"])
 
     def _advance(self, told: Any) -> None:
         self._asked = False

@@ -52,7 +52,9 @@ def test_run_serial_writes_summary(tmp_path):
 def test_run_two_ranks_matches_one(tmp_path):
     paths = []
     for ranks in (1, 2):
-        path = tmp_path / f"summary{ranks}.json"
+        # a run directory each: a finished minimize run keeps its end, which resumes on
+        # its own rank count only
+        path = tmp_path / f"ranks{ranks}" / "summary.json"
         out = hpcqn("run", str(small_job(tmp_path)), "--output", str(path), ranks=ranks)
         assert out.returncode == 0, out.stderr
         assert out.stdout.count("hpcqn run: done") == 1  # only rank 0 prints

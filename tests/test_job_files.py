@@ -426,3 +426,34 @@ def test_raising_epochs_continues_a_finished_torch_job(tmp_path, schedule):
     text = text.replace("lr = 0.3", "lr = 0.2")  # another key changed: refused as before
     changed = run(4, "short")
     assert changed.returncode == 2 and "methods.mlbfgs.lr" in changed.stderr, changed.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_finished_minimize_job_says_so_and_a_larger_maxiter_continues_it(tmp_path):
+    """A minimize job run again is not solved again: its last checkpoint is the run's end,
+    the job says it is complete and shows that result. With a larger maxiter it continues
+    from there and ends where a job planned with that maxiter ends."""
+    text = (ROOT / "jobs" / "rosenbrock.toml").read_text().replace("n = 1000000", "n = 1000")
+
+    def run(maxiter, name):
+        job = tmp_path / f"{name}.toml"
+        job.write_text(text.replace("maxiter = 2000", f"maxiter = {maxiter}"))
+        out = subprocess.run([sys.executable, "-m", "hpcqn", "run", str(job), "--output",
+                              str(tmp_path / name / "summary.json")], capture_output=True,
+                             text=True, timeout=240, cwd=tmp_path, env=ENV)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        return out, summary
+
+    first, stopped = run(20, "short")
+    assert first.returncode == 1 and stopped["status"] == 1 and stopped["nit"] == 20
+    again, shown = run(20, "short")
+    assert again.returncode == 1 and "is complete" in again.stdout, again.stdout
+    assert (shown["nit"], shown["nfev"], shown["fun"]) == (stopped["nit"], stopped["nfev"],
+                                                          stopped["fun"])
+    longer, continued = run(2000, "short")
+    assert longer.returncode == 0 and "is complete" not in longer.stdout, longer.stderr
+    _, planned = run(2000, "planned")
+    assert (continued["nit"], continued["nfev"], continued["fun"]) == (
+        planned["nit"], planned["nfev"], planned["fun"])
+    final, shown = run(2000, "short")
+    assert "is complete" in final.stdout and shown["fun"] == planned["fun"]

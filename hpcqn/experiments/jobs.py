@@ -615,10 +615,17 @@ def _manifests(run: RunDir, config: Mapping[str, Any]
 
 def _final_epochs(manifests: Mapping[Path, checkpoint.Manifest | None],
                   config: Mapping[str, Any]) -> bool:
-    """Whether every method of a stochastic or torch job has a checkpoint at its final
-    epoch."""
+    """Whether the job is done: every method of a stochastic or torch job has a
+    checkpoint at its final epoch; a minimize job's checkpoint is the end of its run
+    (:func:`hpcqn.minimize` saves it) and its limits were not raised since."""
     if not config.get("methods"):
-        return False
+        (m,) = manifests.values()
+        if m is None or m.meta.get("final") is not True:
+            return False
+        options = {**{name: o.default for name, o in _minimize_options().items()},
+                   **config.get("options", {})}
+        return not (m.meta.get("status") == 1 and any(
+            options[key] > m.meta.get(key, options[key]) for key in ("maxiter", "maxfun")))
     return all(m is not None and m.meta.get("epoch") == config["train"]["epochs"]
                and m.meta.get("batch", 0) == 0 for m in manifests.values())
 
@@ -750,9 +757,11 @@ def run_directory(path: str | Path, config: Mapping[str, Any], c: Communicator,
         if c.rank == 0 and note:
             print(f"hpcqn run: note: {note}", file=sys.stderr, flush=True)
         if c.rank == 0 and run.complete:
-            print(f"hpcqn run: job {config['job']['name']!r} is complete: every method's "
-                  f"checkpoint in {run.path} is at its final epoch; showing its results "
-                  f"(--fresh to train again)", flush=True)
+            done = ("every method's checkpoint in {} is at its final epoch"
+                    if config.get("methods") else "its checkpoint in {} is the run's end")
+            print(f"hpcqn run: job {config['job']['name']!r} is complete: "
+                  f"{done.format(run.path)}; showing its results (--fresh to run it again; "
+                  f"a larger epochs or maxiter continues it)", flush=True)
         yield run
     finally:
         if c.rank == 0:
