@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# The whole test suite, as the README and CI run it: the serial tests, the MPI tests
-# under mpiexec -n 1, 2 and 3, the torch.distributed tests under torchrun on 2 and 3
-# processes, and ruff. Each launch has a wall-clock limit and every test a
-# pytest-timeout limit, so a hung collective fails the run instead of stalling it. Each
-# launch prints one summary (tests/ranks.py); every rank's log is kept in $HPCQN_TEST_LOGS.
+# The test suite, as the README and CI run it. Each launch has a wall-clock limit and
+# every test a pytest-timeout limit, so a hung collective fails the run instead of
+# stalling it. Each launch prints one summary (tests/ranks.py); every rank's log is kept
+# in $HPCQN_TEST_LOGS.
 #
-#   bash tests/run_all.sh            # everything (CI)
-#   bash tests/run_all.sh --quick    # without the tests marked slow
+#   bash tests/run_all.sh          # the serial tests, the MPI tests under mpiexec -n 1, 2
+#                                  # and 3, the torch.distributed ones under torchrun on 2
+#                                  # and 3 processes, ruff (under 10 minutes on 2 cores)
+#   bash tests/run_all.sh --slow   # the tests marked slow (whole launches of hpcqn run,
+#                                  # torchrun and mpiexec, the peers' suites, every docs
+#                                  # code block and example) and the docs build; CI runs
+#                                  # both
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # One thread per rank: several ranks share the cores.
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 LOGS="${HPCQN_TEST_LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/hpcqn-tests.XXXXXX")}"
-SELECT="not gpu"
-if [[ "${1:-}" == "--quick" ]]; then
-    SELECT="not gpu and not slow"
-fi
 status=0
 start=$SECONDS
 
-python -m pytest -m "not mpi and ${SELECT}" -q || status=1
+if [[ "${1:-}" == "--slow" ]]; then
+    python -m pytest -m "slow and not mpi and not gpu" -q || status=1
+    # The documentation site, warnings as errors (its code blocks ran above)
+    python -m sphinx -W --keep-going -q -b html docs docs/_build/html || status=1
+    echo "== $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
+    exit "${status}"
+fi
+
+python -m pytest -m "not mpi and not gpu and not slow" -q || status=1
 
 for ranks in 1 2 3; do
     dir="${LOGS}/mpi-${ranks}"
@@ -43,8 +51,6 @@ for ranks in 2 3; do
         "torch.distributed tests on ${ranks} process(es)" || status=1
 done
 
-# The documentation site, warnings as errors (its code blocks run in tests/test_docs.py)
-python -m sphinx -W --keep-going -q -b html docs docs/_build/html || status=1
 ruff check . || status=1
 echo "== $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s; every rank's log: ${LOGS}"
 exit "${status}"

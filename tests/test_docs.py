@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from docs_blocks import Block, blocks
 
+pytestmark = pytest.mark.slow  # every code block of the docs runs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs" / "_ext"))
 DOCUMENTS = sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)

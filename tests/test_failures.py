@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec")
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH")
+pytestmark = [pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH"),
+              pytest.mark.slow]  # whole launches that fail on one rank
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
 ENV.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
 LIMIT = 30.0  # seconds a failing job may take to stop every rank

@@ -24,6 +24,8 @@ from procs import ENV, MPIEXEC, ROOT
 
 from hpcqn import checkpoint as ck
 
+pytestmark = pytest.mark.slow  # a launch of hpcqn run per case
+
 needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH")
 RANKS = [1, pytest.param(2, marks=needs_mpiexec)]
 MINIMIZE = ('[job]\nkind = "minimize"\n[problem]\nname = "extended_rosenbrock"\nn = 200\n'

@@ -23,6 +23,8 @@ from procs import ENV, MPIEXEC, ROOT
 
 from hpcqn.checkpoint import read_manifest
 
+pytestmark = pytest.mark.slow  # real signals to whole launches
+
 needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH")
 PAUSE_SECONDS = 4.0
 PAUSE_HOOK = """

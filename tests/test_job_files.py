@@ -387,6 +387,7 @@ def test_fuzz_loader_accepts_or_raises_job_error(tmp_path):
     check()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_raising_epochs_continues_a_finished_torch_job(tmp_path, schedule):
@@ -428,6 +429,7 @@ def test_raising_epochs_continues_a_finished_torch_job(tmp_path, schedule):
     assert changed.returncode == 2 and "methods.mlbfgs.lr" in changed.stderr, changed.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_finished_minimize_job_says_so_and_a_larger_maxiter_continues_it(tmp_path):
     """A minimize job run again is not solved again: its last checkpoint is the run's end,

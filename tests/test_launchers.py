@@ -61,6 +61,7 @@ def run(launcher: str, ranks: int, *args: str, env: dict | None = None,
     return out, time.perf_counter() - start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 @pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
 def test_every_optimizer_with_and_without_ddp_equals_one_process(launcher, ranks):
@@ -81,6 +82,7 @@ def test_every_optimizer_with_and_without_ddp_equals_one_process(launcher, ranks
     assert switches[False] == switches[True] == [4] * ranks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_torchrun_without_init_process_group_is_refused_on_every_process(ranks):
     """Before: every process trained alone as a one-rank world. Now construction fails on
@@ -142,6 +144,7 @@ for step in range(100000):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["error", "exit"])
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
 def test_a_failure_on_one_rank_of_a_plain_loop_ends_every_rank(launcher, kind):
@@ -160,6 +163,7 @@ def test_a_failure_on_one_rank_of_a_plain_loop_ends_every_rank(launcher, kind):
         assert "exited with sys.exit(5)" in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_the_abort_can_be_turned_off():
     """HPCQN_ABORT_ON_FAILURE=0: hpcqn leaves sys.excepthook and sys.exit alone."""
     script = ("import sys, hpcqn; c = hpcqn.get_comm(); c.rank or "
@@ -189,6 +193,7 @@ for name in ("FullyShardedDataParallel", "fully_shard"):
 """
 
 
+@pytest.mark.slow
 def test_an_fsdp_model_is_refused_on_every_rank():
     """FSDP (both of torch's: the wrapper class and fully_shard) shards each layer's
     weight across ranks; MKOR and K-FAC refuse it with a TypeError naming DDP instead."""

@@ -21,7 +21,8 @@ pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec")
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH")
+pytestmark = [pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH"),
+              pytest.mark.slow]  # real signals to whole launches
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
 ENV.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import scipy.optimize
 
+pytestmark = pytest.mark.slow  # SciPy's own test modules
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = ROOT / "tests" / "scipy_suite"
 KNOWN = ROOT / "docs" / "scipy_known_differences.md"

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from procs import rank_pids
 
+pytestmark = pytest.mark.slow  # the sbatch templates end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "slurm").glob("*.sbatch"))
 MPIEXEC = shutil.which("mpiexec")
