@@ -189,7 +189,7 @@ class DiagonalQuadratic(Problem):
 class LogisticRegression(Problem):
     """L2-regularised logistic loss on scikit-learn's breast-cancer data (569 samples,
     30 standardised features + intercept), weights split across ranks by feature:
-    f(w) = sum_i log(1 + exp(-y_i a_i.w)) + lam/2 |w|^2."""
+    ``f(w) = sum_i log(1 + exp(-y_i a_i.w)) + lam/2 |w|^2``."""
 
     name = "logistic"
     weights = 31  # 30 features + the intercept
