@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 # One thread per rank: several ranks share the cores.
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 LOGS="${HPCQN_TEST_LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/hpcqn-tests.XXXXXX")}"
+SELECT="not gpu and not slow"
 status=0
 start=$SECONDS
 

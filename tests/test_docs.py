@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow  # every code block of the docs runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs" / "_ext"))
-DOCUMENTS = sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)
+DOCUMENTS = [*sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts),
+             ROOT / "README.md"]
 RUNNABLE = ("python", "console")
 LIMIT = {"": 60, "mpiexec": 120, "torchrun": 120}  # seconds for one block, by launcher
 BIN = Path(sys.executable).parent  # hpcqn, mpiexec and torchrun of this environment
