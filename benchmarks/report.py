@@ -7,13 +7,18 @@ PNG plots beside it.
 Writes ``DIR/README.md`` (default ``benchmarks/results/report``), the sections' PNGs and
 ``DIR/results.json`` (the numbers behind the summary). Sections, in order: convergence
 (epochs and seconds to a target), breakdown (where a step's time goes), scaling,
-factors, minimize, comm, race (hpcqn's methods against SGD, Adam, Muon, SOAP and
-Shampoo); each is ``benchmarks/report_<name>.py`` with
+factors, minimize, comm, race (hpcqn's methods against SGD, Adam, AdamW, LAMB, Muon,
+SOAP and Shampoo on MLPs, a transformer language model and a CNN); each is
+``benchmarks/report_<name>.py`` with
 ``compute(quick, progress=None)`` and ``render(results, out, quick) -> str`` (see
 ``benchmarks/report_common.py``). The summary at the top is computed from the
-convergence and breakdown results. ``--quick`` is the short version (about eight minutes
-on two cores, three of them the race). Every process runs one thread (``OMP_NUM_THREADS=1``,
-``torch.set_num_threads(1)``).
+convergence and breakdown results. ``--quick`` is the short version (about twenty
+minutes on two cores, thirteen of them the race). The full race takes hours (about 4.5 on
+two idle cores, most of it the transformer): each of its problems is saved in
+``benchmarks/results/race/`` as it finishes; run it in parts with
+``python benchmarks/report_race.py --problems KEY,... --resume`` (see that module), then
+``--resume-race`` here takes the saved problems instead of running them again. Every
+process runs one thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``).
 """
 
 from __future__ import annotations
@@ -335,13 +340,17 @@ def _json_default(value: Any) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="the short version (about five minutes on two cores)")
+                        help="the short version (about twenty minutes on two cores)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "report",
                         help="directory for README.md and the plots")
     parser.add_argument("--seeds", type=int, default=3,
                         help="seeds per method in the convergence section (default 3)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--resume-race", action="store_true",
+                        help="the full race: take the problems already saved in "
+                             "benchmarks/results/race/ (by report_race.py) instead of "
+                             "running them again")
     args = parser.parse_args()
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(names) - set(SECTIONS))
@@ -372,6 +381,8 @@ def main() -> None:
         log(f"{name}: started")
         began = time.perf_counter()
         extra = {"seeds": args.seeds} if name == "convergence" else {}
+        if name == "race" and not args.quick:  # hours: saved per problem, resumable
+            extra = {"save": module.RESULTS, "resume": args.resume_race}
         results[name] = module.compute(args.quick, progress=log, **extra)
         texts[name] = module.render(results[name], out, args.quick).rstrip() + "\n"
         seconds[name] = time.perf_counter() - began
@@ -385,6 +396,7 @@ def main() -> None:
             f"(at the start and after each section)")
     command = "python benchmarks/report.py" + (" --quick" if args.quick else "") + \
         (f" --seeds {args.seeds}" if args.seeds != 3 else "") + \
+        (" --resume-race" if args.resume_race else "") + \
         (f" --sections {','.join(names)}" if names != list(SECTIONS) else "")
     timing = ["## Run time", "", "| section | seconds |", "|---|---:|",
               *(f"| {name} | {seconds[name]:.0f} |" for name in names),

@@ -179,3 +179,19 @@ def test_non_finite_statistics_skip_the_update():
     assert reduced == [None]
     core.update_factors(reduced)
     np.testing.assert_array_equal(core.factors[0][1].matrix(), np.eye(3))
+
+
+# -- the warm-up -------------------------------------------------------------------------
+@pytest.mark.parametrize("freq, warmup", [(10, 0), (10, 10), (4, 6), (3, 1), (1, 5)])
+def test_update_steps_are_every_warmup_step_then_every_factor_freq(freq, warmup):
+    core = CoreMKOR([(2, 3)], hpcqn.serial_comm(), factor_freq=freq, warmup_steps=warmup)
+    expected = set(range(warmup)) | set(range(0, 60, freq))
+    assert {t for t in range(60) if core.is_update_step(t)} == expected
+    assert core.warmup_steps == warmup
+
+
+def test_warmup_steps_must_be_a_count():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        CoreMKOR([(2, 2)], hpcqn.serial_comm(), warmup_steps=-1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        CoreMKOR([(2, 2)], hpcqn.serial_comm(), warmup_steps=2.5)

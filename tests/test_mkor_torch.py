@@ -413,6 +413,60 @@ def test_hooks_exist_only_while_recording():
     assert seen == [2, 0, 0, 2, 0, 0, 2]
 
 
+def test_warmup_updates_at_every_step_first_then_every_factor_freq():
+    """warmup_steps=5, factor_freq=4: the hooks record and the factors update at steps
+    0-4, then 8, 12, 16 (step 4 is both); warmup_steps=0 gives 0, 4, 8, ..."""
+    for warmup, expected in ((5, [0, 1, 2, 3, 4, 8, 12, 16]), (0, [0, 4, 8, 12, 16])):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        opt = ht.MKOR(model, SERIAL, lr=0.1, factor_freq=4, warmup_steps=warmup)
+        x = torch.randn(5, 4)
+        updated, hooked = [], []
+        for step in range(18):
+            hooked.append(sum(len(m._forward_hooks) for m in model.modules()) > 0)
+            before = opt.core.updates
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+            if opt.core.updates > before:
+                updated.append(step)
+        assert updated == expected
+        assert [k for k, on in enumerate(hooked) if on] == expected
+
+
+def test_warmup_state_round_trip_mid_warmup_continues_bitwise():
+    """Saved at step 4 of a 9-step warm-up (factor_freq 5), the resumed run updates at
+    the same steps and ends on the same parameters as one run straight through."""
+    data = digits(dtype=torch.float64)
+    options = {"optimizer": "adam", "lr": 0.01, "factor_freq": 5, "warmup_steps": 9}
+    straight = make_model("cnn", dtype=torch.float64)
+    opt = ht.MKOR(straight, SERIAL, **options)
+    train_steps(opt, straight, data, 16)
+    assert opt.core.updates == 9 + 2  # steps 0-8, then 10 and 15
+
+    first = make_model("cnn", dtype=torch.float64)
+    opt1 = ht.MKOR(first, SERIAL, **options)
+    train_steps(opt1, first, data, 4)
+    saved = copy.deepcopy((first.state_dict(), opt1.state_dict()))
+    resumed = make_model("cnn", seed=3, dtype=torch.float64)
+    resumed.load_state_dict(saved[0])
+    opt2 = ht.MKOR(resumed, SERIAL, **options)
+    opt2.load_state_dict(saved[1])
+    assert opt2.capture.active  # step 4 is still a warm-up step
+    train_steps(opt2, resumed, data, 12, start=4)
+    assert opt2.core.updates == opt.core.updates
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_warmup_is_an_option_of_the_job_methods():
+    model = make_model("mlp", hidden=8)
+    for method in ("mkor", "mkor_h"):
+        opt = ht.methods.make(method, model, SERIAL, {"warmup_steps": 7, "lr": 0.1})
+        assert opt.core.warmup_steps == 7
+    assert ht.methods.options_of("mkor")["warmup_steps"].default == 0
+
+
 def test_a_step_where_no_preconditioned_layer_has_a_gradient():
     """Only a parameter outside the layers gets a gradient: the steps are torch SGD's
     (momentum 0.9) on it, and the unused layer stays as it was."""

@@ -271,9 +271,38 @@ def test_normalized_direction_with_heavy_ball():
     np.testing.assert_allclose(x, expected)
 
 
-def reference_mlbfgs(x, grad, steps, blocks, lr, history, period, beta, mu, damping=0.01):
+def test_direction_normalised_to_the_gradient_norm():
+    """normalize_to="gradient": d |g| / |d| (global norms). Before any pair d = g, so the
+    steps are SGD's with heavy ball 0.9; with a pair, the step has |g|'s length along
+    H g (the norms over both blocks)."""
+    layout = BlockLayout.chunks(4, 2, 1)
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=0.1, period=100, normalize_to="gradient")
+    x = np.ones(4)
+    g1, g2 = np.array([3.0, 0.0, 4.0, 0.0]), np.array([0.0, 1.0, 0.0, 2.0])
+    opt.step(x, g1.copy())
+    np.testing.assert_allclose(x, 1 - 0.1 * g1)
+    expected = x - 0.1 * (0.9 * g1 + g2)
+    opt.step(x, g2.copy())
+    np.testing.assert_allclose(x, expected)
+    # A quadratic with distinct curvature per block: after the first pair the direction
+    # differs from g, and its length is still |g|.
+    a = np.array([1.0, 4.0, 0.5, 2.0])
+    opt = MLBFGS(layout, hpcqn.serial_comm(), lr=0.05, period=2, beta=0.5,
+                 direction_momentum=0.0, normalize_to="gradient")
+    x = np.ones(4)
+    for _ in range(5):
+        before, g = x.copy(), a * x
+        opt.step(x, g.copy())
+        np.testing.assert_allclose(np.linalg.norm(before - x), 0.05 * np.linalg.norm(g),
+                                   rtol=1e-12)
+    assert opt.statistics()["npairs"] > 0
+
+
+def reference_mlbfgs(x, grad, steps, blocks, lr, history, period, beta, mu, damping=0.01,
+                     normalize_to="unit"):
     """The update written out densely and without the stored-scale shortcut: EMA momentum,
-    damped pairs, d = H g from a dense inverse BFGS, global normalisation, heavy-ball."""
+    damped pairs, d = H g from a dense inverse BFGS, global normalisation (to 1, or to
+    the norm of g), heavy-ball."""
     x = x.copy()
     mth = mg = prev_th = prev_g = None
     v = np.zeros_like(x)
@@ -294,7 +323,8 @@ def reference_mlbfgs(x, grad, steps, blocks, lr, history, period, beta, mu, damp
                        if pairs[b] else g[part])
         if t > 0 and t % period == 0:
             prev_th, prev_g = mth.copy(), mg.copy()
-        v = mu * v + d / np.linalg.norm(d)
+        target = np.linalg.norm(g) if normalize_to == "gradient" else 1.0
+        v = mu * v + d * (target / np.linalg.norm(d))
         x -= lr * v
     return x
 
@@ -303,9 +333,10 @@ def torch_kernels():
     return pytest.importorskip("hpcqn.torch.mlbfgs").TORCH_KERNELS
 
 
+@pytest.mark.parametrize("normalize_to", ["unit", "gradient"])
 @pytest.mark.parametrize("kernels", ["numpy", "torch"])
 @pytest.mark.parametrize("beta, mu", [(0.5, 0.5), (0.99, 0.9), (1e-7, 1e-7)])
-def test_many_steps_equal_the_dense_reference(beta, mu, kernels):
+def test_many_steps_equal_the_dense_reference(beta, mu, kernels, normalize_to):
     """80 steps, period 30: with beta = mu = 0.5 the stored scales pass 1e-6 between pairs
     and are multiplied back into the buffers; 1e-7 takes the direct path. ``torch``: the
     torch bridge's kernels (torch's products, the fused one-pass heavy-ball with the
@@ -316,7 +347,7 @@ def test_many_steps_equal_the_dense_reference(beta, mu, kernels):
     blocks = [slice(0, 6), slice(6, 10)]
     x0 = np.linspace(-1.0, 1.0, 10)
     opt = MLBFGS(layout, hpcqn.serial_comm(), lr=0.02, history=3, period=30, beta=beta,
-                 direction_momentum=mu)
+                 direction_momentum=mu, normalize_to=normalize_to)
     if kernels == "torch":
         opt.kernels = torch_kernels()
         assert opt.kernels.fused_heavy_ball
@@ -324,7 +355,8 @@ def test_many_steps_equal_the_dense_reference(beta, mu, kernels):
     for _ in range(80):
         opt.step(x, grad(x))
     assert opt.statistics()["npairs"] == 4
-    expected = reference_mlbfgs(x0, grad, 80, blocks, 0.02, 3, 30, beta, mu)
+    expected = reference_mlbfgs(x0, grad, 80, blocks, 0.02, 3, 30, beta, mu,
+                                normalize_to=normalize_to)
     np.testing.assert_allclose(x, expected, rtol=1e-10, atol=1e-12)
 
 

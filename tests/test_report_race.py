@@ -108,3 +108,81 @@ def test_grid_of_takes_the_middle_points():
     ratios = [b / a for g in rr.GRIDS.values() for a, b in zip(g[:-1], g[1:], strict=True)]
     assert all(2.9 < r < 3.4 for r in ratios)
     assert set(rr.GRIDS) == set(rr.METHODS) == set(rr.OPTIONS)
+
+
+def test_beyond_walks_the_one_three_ladder():
+    assert rr.beyond(0.01, up=True) == 0.03 and rr.beyond(0.03, up=True) == 0.1
+    assert rr.beyond(0.1, up=False) == 0.03 and rr.beyond(0.03, up=False) == 0.01
+    assert rr.beyond(3.0, up=True) == 10.0 and rr.beyond(1e-4, up=False) == 3e-5
+    # every grid is on the ladder: walking up from its first rate gives the whole grid
+    for grid in rr.GRIDS.values():
+        walked = [grid[0]]
+        while len(walked) < len(grid):
+            walked.append(rr.beyond(walked[-1], up=True))
+        assert walked == pytest.approx(list(grid), rel=1e-9)
+
+
+def test_extension_goes_past_the_end_that_holds_the_best():
+    assert rr.extension({0.01: 2.0, 0.03: 1.0, 0.1: 1.5}) is None
+    assert rr.extension({0.01: 2.0, 0.03: 1.5, 0.1: 1.0}) == 0.3
+    assert rr.extension({0.01: 1.0, 0.03: 1.5, 0.1: 2.0}) == 0.003
+    # diverged runs are worst; all diverged: the lowest rate is "best", go lower
+    assert rr.extension({0.01: math.inf, 0.03: math.inf}) == 0.003
+    assert rr.extension({0.01: 1.0, 0.03: 1.0, 0.1: math.inf}) == 0.003  # ties: lower
+    assert rr.best_rate({0.3: 0.5, 0.1: 0.5, 1.0: 0.7}) == 0.1
+
+
+def test_held_out_checks_decide_the_time_to_target():
+    seconds = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    checks = [(2, 3.0), (4, 1.9), (6, 1.2)]
+    assert rr.check_to_target(seconds, checks, 2.0) == (4, 2.0)
+    assert rr.check_to_target(seconds, checks, 1.0) is None
+    assert rr.check_to_target(seconds, [(2, math.nan), (4, 1.0)], 2.0) == (4, 2.0)
+    # the training losses (all below the target) do not count on a held-out problem
+    run = rr.Run("adamw", 0.1, 0, seconds, [0.1] * 6, 1.2, None, checks)
+    assert run.to_target(2.0, 1, held_out=True) == (4, 2.0)
+    assert run.to_target(2.0, 1) == (1, 0.5)
+    assert run.trace(1, held_out=True) == ([1.0, 2.0, 3.0], [3.0, 1.9, 1.2])
+    stats = rr.stats_of([run, run], 2.0, 1, held_out=True)
+    assert stats.steps == [4, 4] and stats.seconds == [2.0, 2.0]
+
+
+def test_combine_keeps_rank_zero_checks_and_time_split():
+    ranks = [{"seconds": [0.1, 0.2, 0.3], "losses": [2.0, 1.0, 0.5], "final_loss": 0.4,
+              "error": None, "checks": [[2, 1.5], [3, 1.4]],
+              "info": {"forward_backward": 0.2, "step": 0.1}},
+             {"seconds": [0.15, 0.25], "losses": [4.0, 2.0], "final_loss": 0.4,
+              "error": None, "checks": [[2, 1.5]], "info": {}}]
+    run = rr.combine("mkor", 0.1, 0, ranks)
+    assert run.checks == [(2, 1.5)]  # the steps both ranks finished
+    assert run.per_step("forward_backward") == pytest.approx(0.1)
+    assert math.isnan(run.per_step("factors"))
+
+
+def test_saved_results_load_back(tmp_path):
+    problem = rr.problem_by_key("lm_b256", quick=True)
+    runs = {"adamw": [rr.Run("adamw", 0.003, 0, [0.5, 1.0], [4.0, 3.0], 2.9, None,
+                             [(2, 3.1)], {"forward_backward": 0.8, "step": 0.2})],
+            "mkor_lamb": [rr.Run("mkor_lamb", 0.03, 0, [0.6], [4.0], math.nan,
+                                 "RuntimeError: boom", [], {"switched_at": None})]}
+    result = rr.ProblemResult(problem, {"adamw": 0.003, "mkor_lamb": 0.03},
+                              {"adamw": {0.001: 3.2, 0.003: 2.9}}, runs, 12.5, 3.05,
+                              rates={"mkor_lamb": [0.01, 0.03, 0.1]})
+    loaded = rr.load_result(rr.save_result(result, tmp_path), problem)
+    assert loaded.lrs == result.lrs and loaded.grid == result.grid
+    assert loaded.target == 3.05 and loaded.seconds == 12.5 and loaded.rates == result.rates
+    assert loaded.runs["adamw"] == runs["adamw"]
+    back = loaded.runs["mkor_lamb"][0]
+    assert back.error == "RuntimeError: boom" and math.isnan(back.final_loss)
+    assert loaded.ranking() == result.ranking()
+
+
+def test_every_problem_names_known_methods_and_references():
+    for quick in (True, False):
+        keys = {p.key for p in rr.problems(quick)}
+        for p in rr.problems(quick):
+            assert set(p.methods) <= set(rr.METHODS)
+            assert set(p.references) <= set(p.methods)
+            assert p.lr_from is None or p.lr_from in keys
+            assert p.held_out == (p.check_every > 0)
+            assert p.task.data()["train_x"].shape[0] // p.batch >= 1

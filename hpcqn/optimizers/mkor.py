@@ -9,6 +9,14 @@ gradient ``g`` and mean input ``a`` and the running-average decay ``factor_decay
 gradient ``G`` into ``Linv G Rinv`` rescaled to ``||G||``, which a first-order optimizer
 then takes as its gradient.
 
+Update steps (:meth:`MKOR.is_update_step`, steps counted from 0): every step ``t`` with
+``t < warmup_steps``, then every ``t`` with ``t % factor_freq == 0``. The warm-up is the
+released code's (its ``warmup_steps``: 0 in its package, 10 in its ResNet-50 example):
+the factors start at the identity, and a decay of ``factor_decay`` per update needs
+about ``1 / (1 - factor_decay)`` updates before the rank-1 terms dominate it, which at
+one update every ``factor_freq`` steps takes ``factor_freq / (1 - factor_decay)`` steps
+(200 with the defaults); updating at every step first gets there in ``warmup_steps``.
+
 ``factor_freq`` and ``factor_decay`` were called ``inv_freq`` and ``gam``; the old names
 are still accepted (deprecated), so that the names mean what K-FAC's do: K-FAC's
 ``factor_freq`` is how often statistics update the factors, its ``inv_freq`` how often
@@ -50,6 +58,7 @@ class MKOR(LayerwisePreconditioner):
     name = "MKOR"
     OPTION_RULES = {
         "factor_freq": Rule("int", low=1),
+        "warmup_steps": Rule("int", low=0),
         "factor_decay": Rule("float", low=0.0, high=1.0, open_low=True, open_high=True),
         "eps_stab": Rule("float", low=0.0, open_low=True),
         "zeta": Rule("float", low=0.0, high=1.0, open_high=True),
@@ -70,12 +79,14 @@ class MKOR(LayerwisePreconditioner):
         placement: str = "redundant",
         factor_dtype: str | None = None,
         stats_dtype: str | None = None,
+        warmup_steps: int = 0,
         dtype: Any = np.float32,
         xp: Any = np,
     ):
         options.validate(self, locals())
         super().__init__(shapes, comm, placement, lambda o, i: o * o + i * i, dtype, xp)
         self.factor_freq, self.factor_decay = int(factor_freq), factor_decay
+        self.warmup_steps = int(warmup_steps)
         self.eps_stab, self.zeta = eps_stab, zeta
         self.factor_dtype = factor_dtype
         self.stats_dtype = np.dtype(stats_dtype or self.dtype)
@@ -89,7 +100,9 @@ class MKOR(LayerwisePreconditioner):
                 FactorInverse(d_in, self.xp, self.dtype, self.factor_dtype))
 
     def is_update_step(self, step: int) -> bool:
-        return step % self.factor_freq == 0
+        """Whether step ``step`` (from 0) updates the factors: every step before
+        ``warmup_steps``, then every ``factor_freq``-th."""
+        return step < self.warmup_steps or step % self.factor_freq == 0
 
     # -- statistics ----------------------------------------------------------------------
     def reduce_statistics(self, stats: Sequence[Stats | None]) -> list[tuple[Any, Any] | None]:

@@ -5,11 +5,12 @@ inverses (:class:`hpcqn.optimizers.mkor.MKOR`) and hands them to a first-order o
 One ``step()`` (the shared steps are :class:`hpcqn.torch.layerwise.LayerwiseOptimizer`'s):
 
 1. gradients are averaged over the communicator (one allreduce);
-2. on update steps (every ``factor_freq`` steps, starting with the first) the hooks have
-   recorded each layer's inputs and output gradients during forward/backward; per layer
-   ``a`` = mean input row (entries clamped to ``+-clamp``), ``g`` = mean output-gradient
-   row times the batch size (undoing the ``1/B`` of a mean loss) divided by the AMP loss
-   scale; all layers' ``a`` and ``g`` go in ONE allreduce; the factor inverses take one
+2. on update steps (every step while fewer than ``warmup_steps`` have been taken, then
+   every ``factor_freq`` steps counted from the first) the hooks have recorded each
+   layer's inputs and output gradients during forward/backward; per layer ``a`` = mean
+   input row (entries clamped to ``+-clamp``), ``g`` = mean output-gradient row times the
+   batch size (undoing the ``1/B`` of a mean loss) divided by the AMP loss scale; all
+   layers' ``a`` and ``g`` go in ONE allreduce; the factor inverses take one
    Sherman-Morrison step each;
 3. each layer's gradient ``[W | b]`` becomes ``Linv G Rinv`` rescaled to ``||G||``;
 4. the first-order optimizer (``"sgd"`` with momentum, ``"adam"``, ``"lamb"`` or a
@@ -22,8 +23,9 @@ steps are plain first-order steps (no hooks, no factor work). A step skipped for
 non-finite gradient or statistics (:mod:`hpcqn.torch.layerwise`) reduces no loss and
 leaves the switch as it was; a non-finite global loss is left out of the switch's window.
 
-The core's options (``factor_freq``, ``factor_decay``, ``eps_stab``, ``zeta``,
-``placement``, ``factor_dtype``, ``stats_dtype``: :class:`hpcqn.optimizers.mkor.MKOR`;
+The core's options (``factor_freq``, ``warmup_steps``, ``factor_decay``, ``eps_stab``,
+``zeta``, ``placement``, ``factor_dtype``, ``stats_dtype``:
+:class:`hpcqn.optimizers.mkor.MKOR`;
 ``inv_freq`` and ``gam`` are their deprecated names) are passed through.
 """
 
