@@ -7,7 +7,8 @@ column). Per layer K-FAC keeps running averages of its two Kronecker factors
     A = E[a a^T]  (d_in x d_in, input rows a),   G = E[g g^T]  (d_out x d_out),
 
 where ``g`` are the output-gradient rows of the per-sample loss (a mean loss's rows times
-the batch size); both start at the identity and move as ``F = decay F + (1 - decay) F_new``
+its samples ``N``, the batch size for a classifier's, the tokens for a language
+model's); both start at the identity and move as ``F = decay F + (1 - decay) F_new``
 every ``factor_freq`` steps. Every ``inv_freq`` steps the owner of a layer inverts the
 damped factors, and preconditions
 
@@ -127,13 +128,14 @@ class KFAC(LayerwisePreconditioner):
     # -- statistics and factors ----------------------------------------------------------
     def reduce_statistics(self, stats: Sequence[Stats | None]) -> list[tuple[Any, Any] | None]:
         """Global ``(A_new, G_new)`` per layer from this rank's ``(A_sum, rows, G_sum,
-        batch)`` (sums over its rows of ``a a^T`` and ``g g^T``, ``g`` the rows of the
-        gradient of this rank's loss, and its batch size; None where the layer saw no data
-        here), in ONE allreduce. ``A_new = sum(a a^T) / rows``; ``G_new = (B/P)^2
-        sum(g g^T) / rows`` with ``B/P`` the mean batch size over the ranks that had the
-        layer: the data-parallel convention (the mean of the ranks' losses is the loss of
-        the global batch, as :class:`hpcqn.torch.GlobalBatches` weights them) makes each
-        row ``P/B`` times a per-sample gradient, on every rank, even or uneven split. None
+        samples)`` (sums over its rows of ``a a^T`` and ``g g^T``, ``g`` the rows of the
+        gradient of this rank's loss, and what its mean loss divided each row by; None
+        where the layer saw no data here), in ONE allreduce. ``A_new = sum(a a^T) /
+        rows``; ``G_new = (N/P)^2 sum(g g^T) / rows`` with ``N/P`` the mean samples over
+        the ranks that had the layer: the data-parallel convention (the mean of the ranks'
+        losses is the loss of the global batch, as :class:`hpcqn.torch.GlobalBatches`
+        weights them) makes each row ``P/N`` times a per-sample gradient, on every rank,
+        even or uneven split. None
         for a layer no rank had, or whose sums are not finite. Every rank calls it at
         every factor step."""
         for k, ((d_out, d_in), item) in enumerate(zip(self.shapes, stats, strict=False)):

@@ -11,7 +11,8 @@ One ``step()``:
 2. on factor steps (every ``factor_freq`` steps) the hooks have recorded each layer's input
    rows ``a`` (unfolded patches for a convolution, a ones column for a bias) and output
    gradient rows ``g`` (divided by the AMP loss scale; the reduction rescales them to
-   per-sample gradients, undoing the ``1/B`` of a mean loss); this rank's sums of
+   per-sample gradients, undoing the ``1/N`` of a mean loss over ``N`` samples); this
+   rank's sums of
    ``a a^T`` and ``g g^T`` over rows go, for all layers, in ONE allreduce; the running
    factors move; every ``inv_freq`` steps the owners invert the damped factors;
 3. each layer's gradient ``[W | b]`` becomes ``(G + damping I)^-1 grad (A + damping I)^-1``
@@ -22,7 +23,10 @@ The core's options (``factor_freq``, ``inv_freq``, ``factor_decay``, ``damping``
 ``method``, ``placement``: :class:`hpcqn.optimizers.kfac.KFAC`) are passed through.
 
 Unlike KAISA, ``G`` is built from per-sample output gradients (a mean loss's rows times
-the batch size), so the factors do not depend on the batch size or the rank count; the
+the layer's samples: a linear layer's rows, its tokens; a convolution's images;
+:meth:`hpcqn.torch.capture.LayerCapture.samples`), so the factors do not depend on the
+batch size, the rank count, the layout of a sequence's tokens or a split into
+micro-batches; the
 default ``damping`` is therefore 0.03, not KAISA's 1e-3 (the measurements:
 :mod:`hpcqn.optimizers.kfac`). A job or script that gives ``damping`` keeps it; one that
 relied on the old default gets 0.03, also when it resumes a checkpoint (the damping is

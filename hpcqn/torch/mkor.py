@@ -9,7 +9,9 @@ One ``step()`` (the shared steps are :class:`hpcqn.torch.layerwise.LayerwiseOpti
    every ``factor_freq`` steps counted from the first) the hooks have recorded each
    layer's inputs and output gradients during forward/backward; per layer ``a`` = mean
    input row (entries clamped to ``+-clamp``), ``g`` = mean output-gradient row times the
-   batch size (undoing the ``1/B`` of a mean loss) divided by the AMP loss scale; all
+   layer's samples (undoing the ``1/N`` of a mean loss: a linear layer's rows, its tokens;
+   a convolution's images; :meth:`hpcqn.torch.capture.LayerCapture.samples`) divided by
+   the AMP loss scale; all
    layers' ``a`` and ``g`` go in ONE allreduce; the factor inverses take one
    Sherman-Morrison step each;
 3. each layer's gradient ``[W | b]`` becomes ``Linv G Rinv`` rescaled to ``||G||``;
