@@ -18,6 +18,8 @@ pytestmark = pytest.mark.mpi
 
 SIZES = [65] * 10  # the digits problem: one block per class
 OPTIONS = {"mlbfgs": {"lr": 0.1, "period": 5, "beta": 0.9, "history": 4},
+           "mlbfgs_gradient": {"lr": 0.3, "period": 5, "beta": 0.9, "history": 4,
+                               "normalize_to": "gradient"},
            "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": True},
            "adam": {"lr": 0.01}}
 
@@ -28,14 +30,15 @@ def problem():
 
 
 def train(problem, method, comm, rank, nranks, epochs=3):
+    """``method``: a key of OPTIONS (its method is the key's first word)."""
     return minimize_stochastic(
-        problem.batch_loss, problem.x0(), problem.batches(60, rank, nranks), method=method,
-        comm=comm, options={"epochs": epochs, "blocks": SIZES, "disp": False,
-                            **OPTIONS[method]},
+        problem.batch_loss, problem.x0(), problem.batches(60, rank, nranks),
+        method=method.split("_")[0], comm=comm,
+        options={"epochs": epochs, "blocks": SIZES, "disp": False, **OPTIONS[method]},
     )
 
 
-@pytest.mark.parametrize("method", ["mlbfgs", "sgd", "adam"])
+@pytest.mark.parametrize("method", ["mlbfgs", "mlbfgs_gradient", "sgd", "adam"])
 def test_replicated_trajectory_independent_of_rank_count(comm, problem, method):
     """Same global batches split over 1, 2 or 3 ranks: the same iterates (1e-10)."""
     res = train(problem, method, comm, comm.rank, comm.size)
