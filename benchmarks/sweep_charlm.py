@@ -6,6 +6,12 @@ rate (flagged when it sits at an edge of the grid) and its step time over AdamW'
     python benchmarks/sweep_charlm.py                       # the whole grid, one process
     python benchmarks/sweep_charlm.py --optimizers mkor --epochs 1
     python benchmarks/sweep_charlm.py --summary             # the table from the results
+    python benchmarks/sweep_charlm.py --timing              # step times at the best rates
+
+``--timing`` runs every optimizer once more at its best rate of the grid, one after the
+other in one invocation (on a machine with nothing else running), for ``--epochs``
+epochs, and writes ``benchmarks/results/charlm_timing.txt``: the median step time and
+its ratio to AdamW's.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "charlm_sweep.jsonl"
+TIMING = ROOT / "benchmarks" / "results" / "charlm_timing.txt"
 GRIDS = {"adamw": (3e-4, 1e-3, 3e-3, 1e-2), "mkor": (1e-3, 3e-3, 1e-2),
          "mkor_h": (1e-3, 3e-3, 1e-2), "kfac": (1e-3, 3e-3, 1e-2),
          "mlbfgs": (0.01, 0.03, 0.1)}
@@ -39,14 +46,20 @@ def run(optimizer: str, lr: float, epochs: int, extra: list[str]) -> dict:
             "step_ms": float(last[3]), "args": extra}
 
 
-def summary(records: list[dict]) -> str:
-    best = {}
+def best_rates(records: list[dict]) -> dict[str, dict]:
+    """Each optimizer's record with the lowest validation loss."""
+    best: dict[str, dict] = {}
     for r in records:
         if "validation_loss" not in r or r["validation_loss"] != r["validation_loss"]:
             continue
         if r["optimizer"] not in best or r["validation_loss"] < best[r["optimizer"]][
                 "validation_loss"]:
             best[r["optimizer"]] = r
+    return best
+
+
+def summary(records: list[dict]) -> str:
+    best = best_rates(records)
     adamw = best.get("adamw", {}).get("step_ms")
     lines = ["| optimizer | best lr (grid) | validation loss | step ms | step / AdamW's |",
              "|---|---|---|---|---|"]
@@ -59,13 +72,38 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def timing(epochs: int, extra: list[str]) -> None:
+    import os
+    import platform
+
+    best = best_rates([json.loads(line) for line in RESULTS.read_text().splitlines()])
+    rows = [run(name, best[name]["lr"], epochs, extra) for name in GRIDS]
+    adamw = next(r["step_ms"] for r in rows if r["optimizer"] == "adamw")
+    lines = ["## Transformer example: step time at each optimizer's best rate", "",
+             f"Command: python benchmarks/sweep_charlm.py --timing --epochs {epochs}; one "
+             f"process, {platform.processor() or platform.machine()}, load average at the "
+             f"end {os.getloadavg()[0]:.2f}; median step of {epochs} epoch(s) of "
+             f"examples/transformer_lm.py (batch 64, width 64).", "",
+             "| optimizer | lr | step ms | step / AdamW's | validation loss |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['step_ms']:.1f} | "
+                     f"{r['step_ms'] / adamw:.2f} | {r['validation_loss']:.4f} |")
+    TIMING.write_text("\n".join(lines) + "\n")
+    print(TIMING.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--optimizers", default=",".join(GRIDS))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--summary", action="store_true")
+    parser.add_argument("--timing", action="store_true")
     parser.add_argument("extra", nargs="*", help="more arguments for the example")
     args = parser.parse_args()
+    if args.timing:
+        timing(args.epochs, args.extra)
+        return
     if not args.summary:
         for name in args.optimizers.split(","):
             for lr in GRIDS[name]:

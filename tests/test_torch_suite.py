@@ -996,10 +996,12 @@ def test_layerwise_complex_and_mixed_dtype_are_refused_naming_why(kind):
 def test_torch_suite_leaves_the_hypothesis_profile_as_it_was(request):
     """Importing torch's test infrastructure loads its own Hypothesis profile (10 or 50
     examples, derandomized in CI); the project's Hypothesis tests keep the profile pytest
-    started with."""
+    started with (Hypothesis's own "ci" profile where the environment says CI)."""
     import hypothesis
+    from hypothesis._settings import is_in_ci
 
-    started = request.config.getoption("hypothesis_profile", None) or "default"
+    started = (request.config.getoption("hypothesis_profile", None)
+               or ("ci" if is_in_ci() else "default"))
     expected = hypothesis.settings.get_profile(started)
     active = hypothesis.settings.default
     for name in ("max_examples", "derandomize", "deadline", "database"):
