@@ -351,6 +351,9 @@ def main() -> None:
                         help="the full race: take the problems already saved in "
                              "benchmarks/results/race/ (by report_race.py) instead of "
                              "running them again")
+    parser.add_argument("--race-problems", default=None,
+                        help="comma-separated subset of the race's problems (default: all); "
+                             "the report names the ones left out")
     args = parser.parse_args()
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(names) - set(SECTIONS))
@@ -383,6 +386,8 @@ def main() -> None:
         extra = {"seeds": args.seeds} if name == "convergence" else {}
         if name == "race" and not args.quick:  # hours: saved per problem, resumable
             extra = {"save": module.RESULTS, "resume": args.resume_race}
+        if name == "race" and args.race_problems:
+            extra["only"] = [k.strip() for k in args.race_problems.split(",") if k.strip()]
         results[name] = module.compute(args.quick, progress=log, **extra)
         texts[name] = module.render(results[name], out, args.quick).rstrip() + "\n"
         seconds[name] = time.perf_counter() - began
@@ -397,6 +402,7 @@ def main() -> None:
     command = "python benchmarks/report.py" + (" --quick" if args.quick else "") + \
         (f" --seeds {args.seeds}" if args.seeds != 3 else "") + \
         (" --resume-race" if args.resume_race else "") + \
+        (f" --race-problems {args.race_problems}" if args.race_problems else "") + \
         (f" --sections {','.join(names)}" if names != list(SECTIONS) else "")
     timing = ["## Run time", "", "| section | seconds |", "|---|---:|",
               *(f"| {name} | {seconds[name]:.0f} |" for name in names),

@@ -1030,7 +1030,17 @@ def summary(res: RaceResults) -> list[str]:
                        "why: steps ratio x s/step ratio", "lowest loss at budget (median)"],
                       rows, align="llllll"),
             "", f"An hpcqn method is first to the target on {firsts} of {len(res.problems)} "
-            f"problems."]
+            f"problems.", *_left_out(res)]
+
+
+def _left_out(res: RaceResults) -> list[str]:
+    """A line naming the race's problems this report did not run (``--problems``)."""
+    ran = {r.problem.key for r in res.problems}
+    missing = [p for p in problems(res.quick) if p.key not in ran]
+    if not missing:
+        return []
+    return ["", "Not run for this report: " + "; ".join(
+        f"{p.title} (`{p.key}`)" for p in missing) + "."]
 
 
 def _options_text(methods: Sequence[str]) -> str:

@@ -186,3 +186,14 @@ def test_every_problem_names_known_methods_and_references():
             assert p.lr_from is None or p.lr_from in keys
             assert p.held_out == (p.check_every > 0)
             assert p.task.data()["train_x"].shape[0] // p.batch >= 1
+
+
+def test_a_partial_race_names_the_problems_it_left_out():
+    problem = rr.problem_by_key("lm_b256", quick=True)
+    result = rr.ProblemResult(problem, {}, {}, {}, 1.0, 3.0)
+    lines = rr._left_out(rr.RaceResults([result], (), [0], True, None))
+    others = [p for p in rr.problems(True) if p.key != "lm_b256"]
+    assert len(lines) == 2 and all(f"(`{p.key}`)" in lines[1] for p in others)
+    assert "`lm_b256`" not in lines[1]
+    every = [rr.ProblemResult(p, {}, {}, {}, 1.0, 3.0) for p in rr.problems(True)]
+    assert rr._left_out(rr.RaceResults(every, (), [0], True, None)) == []
