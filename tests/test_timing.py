@@ -87,12 +87,15 @@ def _timed_mlbfgs_steps(c, steps=12, late_rank=None):
 
 def _assert_phases_add_up(per_step):
     """Each step's phases add up to no more than its wall time and, outside every phase
-    being only the argument checks and the finiteness test of g, to nearly all of it (the
-    median step: a step the OS preempts outside a phase is an outlier)."""
+    being only the argument checks and the finiteness test of g, to most of it (the
+    median step: a step the OS preempts outside a phase is an outlier). Those checks take
+    10-16 % of a step of this size (about 1-3 ms) on a 2-core machine, so the bound is
+    0.75: it catches untimed work the size of the factors or the preconditioning (about
+    30 % of the step each); that every phase is timed at all is checked by the callers."""
     for phases, wall in per_step:
         assert phases <= wall
     shares = sorted(phases / wall for phases, wall in per_step)
-    assert shares[len(shares) // 2] >= 0.85, shares
+    assert shares[len(shares) // 2] >= 0.75, shares
 
 
 def test_mlbfgs_core_step_phases_add_up_on_one_process():
