@@ -141,3 +141,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        # every process done with its collectives before any tears gloo down (else a
+        # process still talking to one that exited can abort in gloo's threads)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

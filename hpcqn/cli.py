@@ -172,7 +172,7 @@ def run_command(job: str, output: str | None = None, fresh: bool = False,
     from .experiments.jobs import JobError, run_job
     from .transport import LaunchError, start_torch_distributed
 
-    start_torch_distributed()  # under torchrun: torch.distributed's group is the world
+    owned = start_torch_distributed()  # under torchrun: torch.distributed's group is the world
     try:
         comm = get_comm()
     except LaunchError as exc:  # every process finds the same: each says it, exit 2
@@ -198,6 +198,13 @@ def run_command(job: str, output: str | None = None, fresh: bool = False,
                   + "".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr,
                   flush=True)
             return EXIT_FAILED
+    if owned:
+        # every process done with its collectives before any tears gloo down (a process
+        # still talking to one that has exited can abort in gloo's threads)
+        import torch.distributed as dist
+
+        comm.barrier()
+        dist.destroy_process_group()
     if summary["status"] == EXIT_PREEMPTED:
         return EXIT_PREEMPTED
     return EXIT_OK if summary["status"] == 0 else EXIT_NOT_CONVERGED
