@@ -170,7 +170,7 @@ def run_command(job: str, output: str | None = None, fresh: bool = False,
     from .checkpoint import CheckpointError
     from .comm import EXIT_FAILED, RemoteRankError, abort_on_failure, get_comm, is_agreed
     from .experiments.jobs import JobError, run_job
-    from .transport import LaunchError, start_torch_distributed
+    from .transport import LaunchError, start_torch_distributed, stop_torch_distributed
 
     owned = start_torch_distributed()  # under torchrun: torch.distributed's group is the world
     try:
@@ -199,12 +199,7 @@ def run_command(job: str, output: str | None = None, fresh: bool = False,
                   flush=True)
             return EXIT_FAILED
     if owned:
-        # every process done with its collectives before any tears gloo down (a process
-        # still talking to one that has exited can abort in gloo's threads)
-        import torch.distributed as dist
-
-        comm.barrier()
-        dist.destroy_process_group()
+        stop_torch_distributed(comm)
     if summary["status"] == EXIT_PREEMPTED:
         return EXIT_PREEMPTED
     return EXIT_OK if summary["status"] == 0 else EXIT_NOT_CONVERGED

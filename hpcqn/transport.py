@@ -119,6 +119,16 @@ def start_torch_distributed() -> bool:
     return True
 
 
+
+def stop_torch_distributed(comm: Any) -> None:
+    """The end of :func:`start_torch_distributed`'s group, on every process together: a
+    barrier over ``comm``, then ``destroy_process_group`` (a process that exits while
+    another is still in a gloo collective can make that one abort in gloo's threads)."""
+    import torch.distributed as dist
+
+    comm.barrier()
+    dist.destroy_process_group()
+
 def torch_default_group() -> Any | None:
     """``torch.distributed``'s default process group when torch is imported and the group
     is initialised; None otherwise (torch is never imported here)."""
